@@ -1,0 +1,46 @@
+"""optvq-hf: the OptVQ image tokenizer (vector quantization by optimal transport) for Hugging Face transformers."""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from .configuration_optvq import OptVQConfig
+from .image_processing_optvq import OptVQImageProcessor
+from .modeling_optvq import (
+    OptVQDecoderOutput,
+    OptVQEncoderOutput,
+    OptVQModel,
+    OptVQModelOutput,
+    OptVQPreTrainedModel,
+)
+from .quantization import QuantizerOutput, SinkhornQuantizer, VectorQuantizer, sinkhorn
+
+__version__ = "0.1.0"
+
+
+def _register_auto_classes() -> None:
+    AutoConfig.register("optvq", OptVQConfig, exist_ok=True)
+    AutoModel.register(OptVQConfig, OptVQModel, exist_ok=True)
+    try:
+        AutoImageProcessor.register(OptVQConfig, slow_image_processor_class=OptVQImageProcessor, exist_ok=True)
+    except TypeError:  # transformers versions without exist_ok on this method
+        AutoImageProcessor.register(OptVQConfig, slow_image_processor_class=OptVQImageProcessor)
+    # Saved folders carry the code and an auto_map, so that they load with trust_remote_code=True without this package.
+    OptVQConfig.register_for_auto_class()
+    OptVQModel.register_for_auto_class("AutoModel")
+    OptVQImageProcessor.register_for_auto_class("AutoImageProcessor")
+
+
+_register_auto_classes()
+
+__all__ = [
+    "OptVQConfig",
+    "OptVQDecoderOutput",
+    "OptVQEncoderOutput",
+    "OptVQImageProcessor",
+    "OptVQModel",
+    "OptVQModelOutput",
+    "OptVQPreTrainedModel",
+    "QuantizerOutput",
+    "SinkhornQuantizer",
+    "VectorQuantizer",
+    "sinkhorn",
+]
