@@ -194,15 +194,12 @@ class OptVQConfig(PretrainedConfig):
                 f"OptVQConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
             )
         if self.backbone == "diffusion":
-            widths = {"base_channels": self.base_channels, "latent_channels": self.latent_channels}
-            widths.update(
-                {f"channel_multipliers[{i}]": self.base_channels * m for i, m in enumerate(self.channel_multipliers)}
-            )
-            for name, width in widths.items():
-                if width % NORM_GROUPS != 0:
+            # Every level's width is a multiple of base_channels, so checking these two covers all GroupNorms.
+            for name in ("base_channels", "latent_channels"):
+                if getattr(self, name) % NORM_GROUPS != 0:
                     raise ValueError(
-                        f"OptVQConfig.{name} gives {width} channels, which the {NORM_GROUPS} GroupNorm groups of the "
-                        f"diffusion backbone do not divide"
+                        f"OptVQConfig.{name} ({getattr(self, name)}) must be divisible by the {NORM_GROUPS} GroupNorm "
+                        f"groups of the diffusion backbone"
                     )
         elif self.base_channels % 2 != 0:
             raise ValueError(f"OptVQConfig.base_channels must be even for the simple_cnn backbone, got {self.base_channels}")

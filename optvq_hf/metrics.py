@@ -394,6 +394,10 @@ class ReconstructionMetrics:
                 f"'usage' and 'perplexity' need indices (B={originals.shape[0]}, num_heads={self.num_heads}, ...), "
                 f"got {None if indices is None else tuple(indices.shape)}"
             )
+        with torch.autocast(device_type=self.device.type, enabled=False):  # float32 networks, as the original
+            return self._sample_statistics(originals, reconstructions, indices)
+
+    def _sample_statistics(self, originals, reconstructions, indices):
         originals = originals.to(self.device, torch.float32)
         reconstructions = reconstructions.to(self.device, torch.float32).clamp(-1.0, 1.0)
         x, x_rec = (originals + 1) / 2, (reconstructions + 1) / 2
@@ -417,7 +421,9 @@ class ReconstructionMetrics:
         features = self.fid_feature_extractor(images)
         features = features.reshape(images.shape[0], -1)  # pool features arrive as (B, D, 1, 1) from some nets
         if features.shape[1] != self.fid_feature_dim:
-            raise ValueError(f"rFID features have {features.shape[1]} dims, expected fid_feature_dim={self.fid_feature_dim}")
+            raise ValueError(
+                f"rFID features have {features.shape[1]} dims, expected fid_feature_dim={self.fid_feature_dim}"
+            )
         return features
 
     @torch.no_grad()
@@ -478,7 +484,7 @@ class ReconstructionMetrics:
             indices = None if indices is None else indices[:num_valid]
         self.accumulate(self.sample_statistics(originals, reconstructions, indices))
 
-    # -- distributed -----------------------------------------------------------------------------------------------------
+    # -- distributed ---------------------------------------------------------------------------------------------------
     def sync(self, reduce=None) -> None:
         """
         Sum the state over all processes (a collective: every process must call it, once, after its last update).
@@ -505,7 +511,7 @@ class ReconstructionMetrics:
             self.state[name] = reduce(self.state[name].contiguous())
         self._synced = True
 
-    # -- results ---------------------------------------------------------------------------------------------------------
+    # -- results -------------------------------------------------------------------------------------------------------
     def compute(self) -> dict[str, float]:
         """
         The metrics as floats, keyed by metric name, plus `usage_head{j}` and `perplexity_head{j}` per head.

@@ -208,14 +208,18 @@ class OptVQPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """PyTorch's default initialisation, which the original uses; the codebook as the original initialises it."""
-        if isinstance(module, VectorQuantizer):
-            init.normal_(module.embedding.weight, mean=0.0, std=1.0)
-            if module.proj is not None:
-                init.normal_(module.proj.weight, mean=0.0, std=module.code_dim**-0.5)
-                _uniform_fan_in(module.proj.bias, module.code_dim)
+        """PyTorch's default initialisation, which the original uses, and the original's codebook initialisation.
+
+        Decided per leaf module: transformers skips a container whose own (non-recursive) parameters are all loaded,
+        which for a parameter-less container like the quantizer would skip its missing codebook.
+        """
+        quantizer = getattr(self, "quantizer", None)
+        if isinstance(module, nn.Embedding):  # the codebook: N(0, 1), as nn.Embedding and the original
+            init.normal_(module.weight, mean=0.0, std=1.0)
+        elif quantizer is not None and module is getattr(quantizer, "proj", None):
+            init.normal_(module.weight, mean=0.0, std=quantizer.code_dim**-0.5)
+            _uniform_fan_in(module.bias, quantizer.code_dim)
         elif isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            # (Children are initialised before their parent, so the quantizer branch above overrides its projection.)
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 _uniform_fan_in(module.bias, module.weight[0].numel())  # fan-in as torch computes it for all three

@@ -342,7 +342,8 @@ class VectorQuantizer(nn.Module):
                 flat_indices = self.assign(rows.detach(), codes.detach())
             selected = codes[flat_indices]
             loss = torch.mean((rows - selected.detach()) ** 2) + self.beta * torch.mean((selected - rows.detach()) ** 2)
-            quantized_rows = rows + (selected - rows).detach()
+            # Straight-through: the value is exactly the code (z - sg[z] is exactly 0), the gradient flows to z.
+            quantized_rows = selected.detach() + (rows - rows.detach())
         quantized = quantized_rows.reshape(channels_last.shape).to(z.dtype)
         indices = flat_indices.reshape(*channels_last.shape[:-1], self.num_heads)
         if z.ndim == 4:

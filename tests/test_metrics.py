@@ -230,6 +230,10 @@ def test_rfid_accumulates_features_over_batches_of_one():
     assert whole.compute()["rfid"] == pytest.approx(expected, rel=1e-7)
     assert singles.compute()["rfid"] == pytest.approx(expected, rel=1e-7)
     assert singles.num_images == 9
+    under_autocast = ReconstructionMetrics(("rfid",), fid_feature_extractor=extractor)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the metrics' networks run in float32 anyway
+        under_autocast.update(originals, reconstructions)
+    assert under_autocast.compute()["rfid"] == pytest.approx(expected, rel=1e-7)
 
     lonely = ReconstructionMetrics(("rfid",), fid_feature_extractor=extractor)
     lonely.update(originals[:1], reconstructions[:1])

@@ -1,0 +1,28 @@
+# One command installs everything into a virtual environment and runs the tests: `make test`.
+# TORCH_SPEC pins the CPU build that CI uses; on a GPU machine pass your own, e.g. `make test TORCH_SPEC=torch`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,demo]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The offline training default: a tiny tokenizer on sample photos, on CPU.
+demo: install
+	$(VENV)/bin/accelerate launch --num_processes 1 examples/train.py
+
+clean:
+	rm -rf $(VENV) outputs

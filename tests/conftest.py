@@ -1,0 +1,66 @@
+"""Test-wide settings: offline hub, a private HF cache, one thread per xdist worker, and tiny model configs."""
+
+import os
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="optvq-hf-home-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # the workers already use every core
+
+FIXTURES = Path(__file__).parent / "fixtures"
+OFFICIAL_TINY = FIXTURES / "official-tiny"
+
+
+def tiny_config_kwargs(**overrides) -> dict:
+    """A model of ~0.3 M parameters on 32x32 images with a 16x16 latent grid (fast on CPU)."""
+    kwargs = dict(
+        resolution=32,
+        base_channels=32,
+        channel_multipliers=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        latent_channels=32,
+        embed_dim=32,
+        num_heads=4,
+        num_codes=64,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def official_tiny_config_kwargs(**overrides) -> dict:
+    """The architecture of the fixture checkpoint in tests/fixtures/official-tiny."""
+    kwargs = dict(
+        resolution=32,
+        base_channels=32,
+        channel_multipliers=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        latent_channels=32,
+        embed_dim=32,
+        num_heads=4,
+        num_codes=64,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture
+def tiny_config():
+    from optvq_hf import OptVQConfig
+
+    return OptVQConfig(**tiny_config_kwargs())
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,71 @@
+"""A batch split over 2 gloo ranks gets exactly the Sinkhorn assignment the whole batch gets in one process."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import optvq_hf.quantization as quantization
+from optvq_hf import SinkhornQuantizer
+
+WORLD_SIZE = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_inputs(mode: str):
+    torch.manual_seed(0)
+    quantizer = SinkhornQuantizer(64, 32, num_heads=4, cost_normalization=mode, chunk_size=50).train()
+    # Ranks hold different distributions, so that local statistics would give a different assignment.
+    z = torch.cat([torch.randn(4, 32, 4, 4) * 0.5, torch.randn(4, 32, 4, 4) * 2.0 + 1.0])
+    return quantizer, z
+
+
+# (cost normalisation, spread threshold): the exp-domain and the log-domain solver paths.
+CASES = [("all", 1e9), ("all", -1.0), ("dim", 1e9)]
+
+
+def worker(rank: int, port: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    try:
+        for mode, spread in CASES:
+            quantization.EXP_DOMAIN_MAX_SPREAD = spread
+            quantizer, z = make_inputs(mode)
+            local = z.chunk(WORLD_SIZE)[rank]
+            training = quantizer(local).indices
+            evaluation = quantizer.eval()(local).indices  # eval: local nearest codes, no collective
+            results[(rank, mode, spread)] = (training, evaluation)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results():
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(free_port(), results), nprocs=WORLD_SIZE, join=True)
+    return dict(results)
+
+
+@pytest.mark.parametrize(("mode", "spread"), CASES)
+def test_two_ranks_equal_one_process(mode, spread, two_rank_results, monkeypatch):
+    monkeypatch.setattr(quantization, "EXP_DOMAIN_MAX_SPREAD", spread)
+    quantizer, z = make_inputs(mode)
+    whole = quantizer(z).indices
+    results = {rank: two_rank_results[(rank, mode, spread)] for rank in range(WORLD_SIZE)}
+    split = torch.cat([results[rank][0] for rank in range(WORLD_SIZE)])
+    assert torch.equal(split, whole)
+    # Solving each half alone ("all" statistics and marginals per rank, as the original does for the statistics)
+    # gives another assignment: the reduction is what makes the two equal.
+    alone = torch.cat([quantizer(half).indices for half in z.chunk(WORLD_SIZE)])
+    assert not torch.equal(alone, whole)
+    nearest = torch.cat([results[rank][1] for rank in range(WORLD_SIZE)])
+    assert torch.equal(nearest, quantizer.eval()(z).indices)
