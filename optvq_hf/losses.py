@@ -241,7 +241,7 @@ class OptVQLoss(nn.Module):
             g_loss = -self._frozen_discriminator(reconstructions).float().mean()
             if torch.is_grad_enabled() and g_loss.requires_grad:
                 if last_layer is None:
-                    raise ValueError("generator_loss needs `last_layer` (the decoder's last weight) from disc_start on.")
+                    raise ValueError("generator_loss needs `last_layer` (the decoder's last weight) from disc_start.")
                 g_weight = self.config.disc_weight * adaptive_weight(parts["rec_loss"], g_loss, last_layer)
             loss = loss + g_weight * g_loss
 

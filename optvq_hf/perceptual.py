@@ -241,7 +241,8 @@ class LPIPS(nn.Module):
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if input.shape != target.shape or input.dim() != 4 or input.shape[1] != 3:
-            raise ValueError(f"LPIPS takes two (B, 3, H, W) batches of equal shape, got {input.shape} and {target.shape}.")
+            shapes = f"{tuple(input.shape)} and {tuple(target.shape)}"
+            raise ValueError(f"LPIPS takes two (B, 3, H, W) batches of equal shape, got {shapes}.")
         dtype = self.lins[0].weight.dtype
         with torch.autocast(device_type=input.device.type, enabled=False):
             # One backbone pass over both batches: the backbone has no batch statistics, so this equals two passes.

@@ -7,13 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from optvq_hf.discriminator import NLayerDiscriminator
 
-FIXTURE_CANDIDATES = [
-    Path(__file__).parent / "fixtures" / "official-tiny" / "hub_format" / "model.safetensors",
-    Path("/work/shared/fixtures/official-tiny/hub_format/model.safetensors"),
-]
+HUB_CHECKPOINT = Path(__file__).parent / "fixtures" / "official-tiny" / "hub_format" / "model.safetensors"
 
 # State dict of the original `loss.discriminator` with ndf=8, 3 layers (the official-tiny fixture), prefix removed.
 ORIGINAL_TINY_KEYS = {
@@ -57,13 +55,8 @@ def test_state_dict_keys_and_shapes_match_the_original():
 
 
 def test_loads_the_original_discriminator_weights_from_the_fixture():
-    path = next((p for p in FIXTURE_CANDIDATES if p.is_file()), None)
-    if path is None:
-        pytest.skip("official-tiny fixture not available")
-    from safetensors.torch import load_file
-
     prefix = "model.loss.discriminator."
-    original = {k[len(prefix):]: v for k, v in load_file(path).items() if k.startswith(prefix)}
+    original = {k[len(prefix):]: v for k, v in load_file(HUB_CHECKPOINT).items() if k.startswith(prefix)}
     discriminator = NLayerDiscriminator(base_channels=8)
     discriminator.load_state_dict(original, strict=True)
     logits = discriminator.eval()(torch.zeros(1, 3, 32, 32))

@@ -38,14 +38,24 @@ def make_loss(**overrides) -> OptVQLoss:
     return OptVQLoss(**{**settings, **overrides})
 
 
-@pytest.fixture
-def setup():
-    """A loss (small discriminator, random VGG LPIPS), a decoder, a batch and its reconstruction inputs."""
-    loss_fn = make_loss()
+def build(**overrides):
+    loss_fn = make_loss(**overrides)
     torch.manual_seed(1)
     decoder = TinyDecoder()
     latents = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(2))
     return loss_fn, decoder, latents, images(3)
+
+
+@pytest.fixture
+def setup():
+    """A loss without LPIPS (fast), a small discriminator, a decoder, latents and a batch of images."""
+    return build(perceptual_weight=0.0)
+
+
+@pytest.fixture
+def setup_lpips():
+    """The same with the full objective: a random-weight VGG LPIPS with weight 3."""
+    return build()
 
 
 def bn_state(discriminator: nn.Module) -> dict[str, torch.Tensor]:
@@ -88,8 +98,8 @@ def test_adaptive_weight_on_a_hand_made_layer():
     assert weight.grad is None  # nothing accumulated
 
 
-def test_generator_loss_equals_the_objective_computed_by_hand(setup):
-    loss_fn, decoder, latents, x = setup
+def test_generator_loss_equals_the_objective_computed_by_hand(setup_lpips):
+    loss_fn, decoder, latents, x = setup_lpips
     reference_disc = copy.deepcopy(loss_fn.discriminator)  # same weights, train mode, used for the hand computation
     q_loss = torch.tensor(0.3)
 
@@ -144,8 +154,9 @@ def test_pixel_losses_by_hand_and_no_adversarial_term_before_disc_start():
     loss, logs = loss_fn.generator_loss(x, x_rec, torch.tensor([0.2, 0.4]), global_step=99, last_layer=None)
     # L1 = 0.5, L2 = 0.25, q = mean(0.2, 0.4) = 0.3: 2 * 0.5 + 4 * 0.25 + 0.5 * 0.3
     assert loss.item() == pytest.approx(2.15)
-    assert logs == pytest.approx({"loss": 2.15, "rec_loss": 2.0, "l1_loss": 0.5, "l2_loss": 0.25, "perceptual_loss": 0.0,
-                                  "quantizer_loss": 0.3, "g_loss": 0.0, "g_weight": 0.0, "disc_factor": 0.0})
+    expected_logs = {"loss": 2.15, "rec_loss": 2.0, "l1_loss": 0.5, "l2_loss": 0.25, "perceptual_loss": 0.0,
+                     "quantizer_loss": 0.3, "g_loss": 0.0, "g_weight": 0.0, "disc_factor": 0.0}  # fmt: skip
+    assert logs == pytest.approx(expected_logs)
     assert calls == []  # the discriminator is not even evaluated before disc_start
     assert not loss_fn.adversarial_active(99) and loss_fn.adversarial_active(100)
 
@@ -220,12 +231,14 @@ def test_generator_backward_gives_the_discriminator_no_gradient(setup):
     decoder.zero_grad(set_to_none=True)
     d_loss, _ = loss_fn.discriminator_loss(x, x_rec, 0)
     d_loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss_fn.discriminator.parameters())
+    assert all(p.grad is not None for p in loss_fn.discriminator.parameters())
+    # (The last bias can get an exact zero: with every hinge active, d/d bias = (-1 + 1) / 2.)
+    assert all(p.grad.abs().sum() > 0 for name, p in loss_fn.discriminator.named_parameters() if name != "main.11.bias")
     assert all(p.grad is None for p in decoder.parameters())
 
 
-def test_only_the_discriminator_is_trainable(setup):
-    loss_fn, *_ = setup
+def test_only_the_discriminator_is_trainable(setup_lpips):
+    loss_fn, *_ = setup_lpips
     trainable = {id(p) for p in loss_fn.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in loss_fn.discriminator.parameters()}
     assert isinstance(loss_fn.perceptual, LPIPS) and loss_fn.perceptual.backbone == "vgg"
@@ -273,8 +286,8 @@ def test_config_overrides_and_validation():
 # ----------------------------------------------------------------------------------------------- a training step
 
 
-def test_one_generator_and_discriminator_step_under_bfloat16_autocast(setup):
-    loss_fn, decoder, latents, x = setup
+def test_one_generator_and_discriminator_step_under_bfloat16_autocast(setup_lpips):
+    loss_fn, decoder, latents, x = setup_lpips
     loss_fn.train()
     opt_g = torch.optim.AdamW(decoder.parameters(), lr=1e-3)
     opt_d = torch.optim.AdamW(loss_fn.discriminator.parameters(), lr=1e-3)

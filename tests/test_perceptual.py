@@ -7,10 +7,12 @@ the network. The key layouts of those files are written out below from torchvisi
 from __future__ import annotations
 
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from optvq_hf.perceptual import (
     LPIPS,
@@ -59,15 +61,16 @@ def lpips(request, vgg, alex) -> LPIPS:
 
 def reference_taps(backbone: str, state_dict: dict, x: torch.Tensor) -> list[torch.Tensor]:
     """The backbone written out with functional ops from the torchvision layer table (independent of the module)."""
-    x = (x - torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)) / torch.tensor([0.458, 0.448, 0.450]).view(
-        1, 3, 1, 1
-    )
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    x = (x - shift) / scale
     taps = []
     if backbone == "vgg":
         for index, _, _, _ in VGG16_CONVS:
             if index in (5, 10, 17, 24):  # a max-pool precedes these
                 x = F.max_pool2d(x, 2, 2)
-            x = F.relu(F.conv2d(x, state_dict[f"net.features.{index}.weight"], state_dict[f"net.features.{index}.bias"], padding=1))
+            w, b = state_dict[f"net.features.{index}.weight"], state_dict[f"net.features.{index}.bias"]
+            x = F.relu(F.conv2d(x, w, b, padding=1))
             if index in VGG16_TAP_CONVS:
                 taps.append(x)
     else:
@@ -84,8 +87,13 @@ def reference_taps(backbone: str, state_dict: dict, x: torch.Tensor) -> list[tor
 def test_distance_matches_the_lpips_formula_written_out(lpips):
     x, y = images(1), images(2)
     state_dict = lpips.state_dict()
+    taps_x, taps_y = reference_taps(lpips.backbone, state_dict, x), reference_taps(lpips.backbone, state_dict, y)
+    # Tap by tap first: with random weights the deep layers add little to the distance, so a wrong tap index would
+    # hide in the sum.
+    for actual_tap, expected_tap in zip(lpips.features(x), taps_x, strict=True):
+        torch.testing.assert_close(actual_tap, expected_tap, rtol=1e-4, atol=1e-5)
     expected = torch.zeros(2, dtype=torch.float64)
-    for k, (fx, fy) in enumerate(zip(reference_taps(lpips.backbone, state_dict, x), reference_taps(lpips.backbone, state_dict, y))):
+    for k, (fx, fy) in enumerate(zip(taps_x, taps_y)):
         ux = fx.double() / (fx.double().pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
         uy = fy.double() / (fy.double().pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
         w = state_dict[f"lins.{k}.weight"].double().view(1, -1, 1, 1)
@@ -174,7 +182,8 @@ def published_files(backbone: str, seed: int) -> tuple[dict, dict]:
     convs = VGG16_CONVS if backbone == "vgg" else ALEXNET_CONVS
     torchvision_sd = {}
     for index, out_c, in_c, kernel in convs:
-        torchvision_sd[f"features.{index}.weight"] = torch.randn(out_c, in_c, kernel, kernel, generator=generator) * 0.05
+        weight = torch.randn(out_c, in_c, kernel, kernel, generator=generator) * 0.05
+        torchvision_sd[f"features.{index}.weight"] = weight
         torchvision_sd[f"features.{index}.bias"] = torch.randn(out_c, generator=generator) * 0.05
     torchvision_sd["classifier.6.weight"] = torch.randn(10, 4, generator=generator)  # dropped by the mapping
     heads_sd = {
@@ -292,3 +301,15 @@ def test_failed_download_error_names_the_heads_file(tmp_path, monkeypatch):
 def test_missing_local_path_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="backbone_path"):
         LPIPS.from_pretrained("vgg", backbone_path=tmp_path / "absent.pth", heads_path=tmp_path / "absent.pth")
+
+
+def test_original_optvq_checkpoint_perceptual_keys_map_onto_this_module():
+    # The official-tiny fixture stores the original's `loss.perceptual_loss.*` in the real lpips layout (with
+    # shrunken shapes, so only the names can be checked): they must cover exactly this module's state dict.
+    path = Path(__file__).parent / "fixtures" / "official-tiny" / "hub_format" / "model.safetensors"
+    prefix = "model.loss.perceptual_loss."
+    with safe_open(str(path), "pt") as checkpoint:
+        original = {k[len(prefix):]: torch.zeros(()) for k in checkpoint.keys() if k.startswith(prefix)}
+    assert "scaling_layer.shift" in original and "net.slice5.28.weight" in original
+    converted = convert_lpips_package_state_dict(original)
+    assert set(converted) == set(LPIPS("vgg", pretrained=False).state_dict())
