@@ -12,6 +12,7 @@ from .modeling_optvq import (
     OptVQPreTrainedModel,
 )
 from .quantization import QuantizerOutput, SinkhornQuantizer, VectorQuantizer, sinkhorn
+from .tokens import TokenLayout, indices_to_tokens, tokens_to_indices
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,9 @@ __all__ = [
     "OptVQPreTrainedModel",
     "QuantizerOutput",
     "SinkhornQuantizer",
+    "TokenLayout",
     "VectorQuantizer",
+    "indices_to_tokens",
     "sinkhorn",
+    "tokens_to_indices",
 ]

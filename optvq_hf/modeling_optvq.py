@@ -364,6 +364,56 @@ class OptVQModel(OptVQPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+    # -- tokens for sequence models (layouts documented in optvq_hf/tokens.py) ----------------------------------------
+    def token_layout(
+        self, order: str = "position-major", vocabulary: str = "shared", latent_shape: tuple[int, int] | None = None
+    ) -> "TokenLayout":  # noqa: F821 - imported below, so that this edit stays inside the class
+        """The `TokenLayout` of this model's indices (`latent_shape` defaults to the configured resolution's grid)."""
+        from .tokens import TokenLayout  # relative: copied into saved folders for trust_remote_code
+
+        shape = self.latent_shape if latent_shape is None else latent_shape
+        return TokenLayout(self.config.num_codes, self.config.num_heads, shape, order=order, vocabulary=vocabulary)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids of the default `"shared"` vocabulary (= num_codes); see `get_vocab_size` for per-head offsets."""
+        return self.get_vocab_size("shared")
+
+    def get_vocab_size(self, vocabulary: str = "shared") -> int:
+        """Token ids of a vocabulary: num_codes (`"shared"`) or num_heads * num_codes (`"per-head"`)."""
+        return self.token_layout(vocabulary=vocabulary).vocab_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Tokens of one image at the configured resolution: num_heads * h * w (either order, either vocabulary)."""
+        return self.token_layout().sequence_length
+
+    @torch.no_grad()
+    def tokenize(
+        self, pixel_values: torch.Tensor, order: str = "position-major", vocabulary: str = "shared"
+    ) -> torch.LongTensor:
+        """
+        Images in [-1, 1] (B, C, H, W) -> token ids (B, num_heads * h * w). Call it in eval mode: in training mode the
+        quantizer assigns by Sinkhorn over the batch, so the tokens would depend on the other images.
+        """
+        indices = self.encode(pixel_values).indices
+        return self.token_layout(order, vocabulary, tuple(indices.shape[-2:])).to_tokens(indices)
+
+    def detokenize(
+        self,
+        token_ids: torch.Tensor,
+        order: str = "position-major",
+        vocabulary: str = "shared",
+        latent_shape: tuple[int, int] | None = None,
+    ) -> torch.FloatTensor:
+        """
+        Token ids (B, L) from `tokenize` (same order and vocabulary) -> images (B, out_channels, H, W), in [-1, 1] up to
+        the decoder's overshoot (not clamped). `latent_shape` (h, w) is needed only for images whose size differs
+        from `config.resolution`.
+        """
+        indices = self.token_layout(order, vocabulary, latent_shape).to_indices(token_ids)
+        return self.decode_indices(indices).sample
+
 
 __all__ = [
     "OptVQDecoderOutput",

@@ -20,11 +20,31 @@ from transformers.utils import ModelOutput
 COST_NORMALIZATIONS = ("all", "dim", "none")
 INFERENCE_ASSIGNMENTS = ("nearest", "sinkhorn")
 
-# Largest spread, in units of the log-kernel, between a row's best and worst code for which the kernel can be
-# exponentiated once in float32: every entry is then >= exp(-50) ~ 2e-22, far above float32's smallest normal
-# number (1.2e-38), so no entry underflows and scaling the kernel with row/column vectors is exact up to rounding.
-# Beyond it the solver works in the log domain, which is exact for any spread but exponentiates on every pass.
-EXP_DOMAIN_MAX_SPREAD = 50.0
+# Largest spread, in units of the log-kernel, between a row's best and worst code up to which the solver works in the
+# exp domain: the kernel exponentiated once, every Sinkhorn step a float32 matrix-vector product whose result is
+# checked against underflow, the few sums it cannot vouch for recomputed exactly. Real features spread over 50 to 100
+# units (epsilon 10, "all" normalisation; benchmarks/README.md). Beyond a few hundred units most sums underflow, their
+# repair becomes the rule, and the log domain (exact for any spread, an exp per entry and step) is faster.
+EXP_DOMAIN_MAX_SPREAD = 400.0
+
+# Streaming (no (N, K) matrix at all) is chosen automatically when one float32 (N, K) matrix would exceed this.
+STREAMING_MIN_BYTES = 4 * 2**30
+
+# On CPU the solver walks the (N, K) matrix in row tiles of about this many entries (4 MiB), so that the several
+# operations on one tile find it in the cache; on a GPU a tile has `chunk_size` rows.
+CPU_TILE_ENTRIES = 2**20
+
+# The exp domain's underflow certificate. The log-kernel is clamped at _LOG_FLOOR before exponentiation, so every
+# kernel entry is a normal float32 number (exp with denormal results is several times slower on CPU). A float32 sum
+# of kernel entries times weights in [0, 1] can then misstate each of its terms by less than _LOST_TERM (a clamped
+# entry, or a product that underflows), and in no other way beyond rounding. A sum is trusted when all its terms
+# together cannot misstate it by more than _TRUSTED_SHARE of its value (far below float32 rounding); the others are
+# recomputed in the log domain. A row's argmax is trusted when its winning product is far above anything an
+# underflow can produce.
+_LOG_FLOOR = -87.0
+_LOST_TERM = 2.0**-125
+_TRUSTED_SHARE = 2.0**-30
+_ARGMAX_FLOOR = 2.0**-100
 
 
 @dataclass
@@ -92,49 +112,253 @@ def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     return tensor
 
 
+class _DistanceTiles:
+    """
+    Euclidean distances between rows and codes by blocks, with the arithmetic of `torch.cdist` (one matrix product of
+    the rows and codes augmented with their squared norms, then clamp and sqrt): a block of rows holds the values that
+    `torch.cdist` gives for them, whatever the blocking.
+    """
+
+    def __init__(self, rows: torch.Tensor, codes: torch.Tensor):
+        self.rows = torch.cat([rows.mul(-2), rows.pow(2).sum(-1, keepdim=True), rows.new_ones(rows.shape[0], 1)], 1)
+        self.codes = torch.cat([codes, codes.new_ones(codes.shape[0], 1), codes.pow(2).sum(-1, keepdim=True)], 1)
+
+    def compute(self, rows, codes=None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Distances of `rows` (a slice or an index tensor) to `codes` (an index tensor, or None for all)."""
+        code_rows = self.codes if codes is None else self.codes[codes]
+        return torch.matmul(self.rows[rows], code_rows.T, out=out).clamp_min_(1e-30).sqrt_()
+
+
+def _row_ranges(num_rows: int, tile_rows: int):
+    for start in range(0, num_rows, tile_rows):
+        yield start, min(start + tile_rows, num_rows)
+
+
+class _Kernel:
+    """
+    The Sinkhorn kernel by row tiles: the log-kernel A = -scale * (D - row_min - code_shift), or exp(A) in the exp
+    domain. Every row and every column of A has maximum 0 (the shifts are carried by the potentials), which keeps as
+    many entries as possible inside float32's range.
+
+    Materialised (`buffer` given), the tiles are views of one (N, K) matrix that holds the distances and is turned
+    into the kernel in place on the first pass. Streaming, each tile is recomputed from the features on every pass
+    into `tile_buffer`, with the same arithmetic, so both modes see bit-identical tiles.
+    """
+
+    def __init__(self, distances: _DistanceTiles, buffer: torch.Tensor | None, tile_buffer: torch.Tensor | None,
+                 tile_rows: int, row_min: torch.Tensor, code_shift: torch.Tensor, scale: float, exp_domain: bool):
+        self.distances, self.buffer, self.tile_buffer, self.tile_rows = distances, buffer, tile_buffer, tile_rows
+        self.row_min, self.code_shift, self.scale, self.exp_domain = row_min, code_shift, scale, exp_domain
+        self._transformed = False
+
+    def ranges(self):
+        return _row_ranges(self.row_min.shape[0], self.tile_rows)
+
+    def tiles(self):
+        """(start, stop, tile) over the row tiles."""
+        for start, stop in self.ranges():
+            if self.buffer is None:
+                distances = self.distances.compute(slice(start, stop), out=self.tile_buffer[: stop - start])
+                tile = self._transform(distances, start, stop)
+            elif self._transformed:
+                tile = self.buffer[start:stop]
+            else:
+                tile = self._transform(self.buffer[start:stop], start, stop)
+            yield start, stop, tile
+        self._transformed = True
+
+    def _transform(self, tile: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        tile.sub_(self.row_min[start:stop, None]).sub_(self.code_shift).mul_(-self.scale)
+        return tile.clamp_(min=_LOG_FLOOR).exp_() if self.exp_domain else tile
+
+    def log_block(self, rows, codes=None) -> torch.Tensor:
+        """Log-kernel entries of `rows` x `codes` in float64, recomputed from the features (no clamping)."""
+        shift = self.code_shift if codes is None else self.code_shift[codes]
+        block = self.distances.compute(rows, codes).sub_(self.row_min[rows, None]).sub_(shift)
+        return block.mul_(-self.scale).double()
+
+
+# -- the two ways of summing over the kernel ---------------------------------------------------------------------------
+# Each gives the row log-sum-exp of A + h (code potentials h), a column accumulator of A + f (row potentials f) and
+# the row argmax of A + h; the exp domain also says which of its results it cannot vouch for.
+class _ExpDomain:
+    """Sums over exp(A) as float32 matrix-vector products, each checked against float32 underflow."""
+
+    def __init__(self, scratch: torch.Tensor):
+        self.scratch = scratch
+
+    def row_lse(self, tile: torch.Tensor, code_potential: torch.Tensor):
+        offset = code_potential.max()
+        mass = torch.mv(tile, (code_potential - offset).exp().float())
+        untrusted = mass < tile.shape[1] * _LOST_TERM / _TRUSTED_SHARE
+        return mass.double().log() + offset, untrusted
+
+    def columns(self, num_codes: int, total_rows: int, device: torch.device) -> _ExpColumns:
+        return _ExpColumns(num_codes, total_rows, device)
+
+    def argmax(self, tile: torch.Tensor, code_potential: torch.Tensor):
+        weights = (code_potential - code_potential.max()).exp().float()
+        best, indices = torch.mul(tile, weights, out=self.scratch[: tile.shape[0]]).max(dim=1)
+        return indices, best < _ARGMAX_FLOOR
+
+
+class _ExpColumns:
+    """Column log-sum-exp of A + f over row tiles: float32 products with tile weights exp(f - max f) <= 1, accumulated
+    in float64 against the running maximum of f."""
+
+    def __init__(self, num_codes: int, total_rows: int, device: torch.device):
+        self.offset = torch.tensor(-math.inf, dtype=torch.float64, device=device)
+        self.mass = torch.zeros(num_codes, dtype=torch.float64, device=device)
+        self.trusted_mass = total_rows * _LOST_TERM / _TRUSTED_SHARE
+
+    def add(self, tile: torch.Tensor, row_potential: torch.Tensor) -> None:
+        tile_offset = row_potential.max()
+        offset = torch.maximum(self.offset, tile_offset)
+        partial = torch.mv(tile.T, (row_potential - tile_offset).exp().float())
+        self.mass.mul_((self.offset - offset).exp()).add_(partial.double() * (tile_offset - offset).exp())
+        self.offset = offset
+
+    def result(self, distributed: bool):
+        if distributed:
+            offset = _all_reduce(self.offset.reshape(1).clone(), dist.ReduceOp.MAX)[0]
+            self.mass.mul_((self.offset - offset).exp())
+            self.offset = offset
+            _all_reduce(self.mass)
+        return self.mass.log() + self.offset, self.mass < self.trusted_mass
+
+
+class _LogDomain:
+    """Sums over the log-kernel A by streaming log-sum-exp: exact for any spread, an exp per entry and step."""
+
+    def __init__(self, scratch: torch.Tensor):
+        self.scratch = scratch
+
+    def row_lse(self, tile: torch.Tensor, code_potential: torch.Tensor):
+        offset = code_potential.max()
+        shifted = torch.add(tile, (code_potential - offset).float(), out=self.scratch[: tile.shape[0]])
+        return torch.logsumexp(shifted, dim=1).double() + offset, None
+
+    def columns(self, num_codes: int, total_rows: int, device: torch.device) -> _LogColumns:
+        return _LogColumns(num_codes, device, self.scratch)
+
+    def argmax(self, tile: torch.Tensor, code_potential: torch.Tensor):
+        shifted = torch.add(tile, (code_potential - code_potential.max()).float(), out=self.scratch[: tile.shape[0]])
+        return shifted.argmax(dim=1), None
+
+
+class _LogColumns:
+    """Column log-sum-exp of A + f over row tiles: running maximum and sum of exponentials per column."""
+
+    def __init__(self, num_codes: int, device: torch.device, scratch: torch.Tensor):
+        self.maximum = torch.full((num_codes,), -math.inf, dtype=torch.float64, device=device)
+        self.total = torch.zeros(num_codes, dtype=torch.float64, device=device)
+        self.scratch = scratch
+
+    def add(self, tile: torch.Tensor, row_potential: torch.Tensor) -> None:
+        tile_offset = row_potential.max()
+        block = torch.add(tile, (row_potential - tile_offset).float()[:, None], out=self.scratch[: tile.shape[0]])
+        maximum = torch.maximum(self.maximum, block.amax(dim=0).double() + tile_offset)
+        exponentials = block.sub_((maximum - tile_offset).float()).exp_().sum(dim=0).double()
+        self.total.mul_((self.maximum - maximum).exp().nan_to_num_(nan=0.0)).add_(exponentials)
+        self.maximum = maximum
+
+    def result(self, distributed: bool):
+        if distributed:
+            maximum = _all_reduce(self.maximum.clone(), dist.ReduceOp.MAX)
+            self.total.mul_((self.maximum - maximum).exp().nan_to_num_(nan=0.0))
+            self.maximum = maximum
+            _all_reduce(self.total)
+        return self.maximum + self.total.log(), None
+
+
+# -- the solver ---------------------------------------------------------------------------------------------------------
 class _SinkhornSolver:
     """
-    Sinkhorn assignment of N rows to K codes from their (N, K) distance matrix, without any extra (N, K) matrix.
+    Sinkhorn assignment of N rows to K codes: the argmax of each row of the plan P = diag(a) exp(-s * D') diag(b) of
+    their normalised distance matrix D', with the original's iterations (codes first, `iterations` rounds, from
+    uniform row weights), without its extra (N, K) matrices.
 
-    The plan is P = diag(a) exp(-scale * D) diag(b); only the code-side scaling b matters for the argmax of a row, so
-    the solver keeps the two scalings as vectors and never rescales the matrix. When `distributed` is set, the rows
-    are the local share of a batch spread over the ranks of the default process group: the cost statistics, the row
-    count and the column sums are reduced across ranks, so each rank gets exactly the assignment its rows would get if
-    the whole batch were solved in one process.
+    - The scalings are float64 log-potentials (vectors); the matrix is never rescaled. Only the code potentials matter
+      for the argmax, so the last row step is skipped.
+    - Materialised mode: one (N, K) float32 buffer holds the distances, then the kernel in place. Streaming mode: no
+      (N, K) matrix; each row tile is recomputed from the features on every pass (memory O(tile x K)). Same tiles,
+      same arithmetic: identical assignments.
+    - `iterations + 2` passes over the tiles: the first computes the distances and every statistic the normalisation
+      needs (mean and std by per-tile sums, row minima, code shifts, spread); each later one does a row step and the
+      next column step on a tile while it is in the cache; the last takes the argmax.
+    - Exp domain (spread up to EXP_DOMAIN_MAX_SPREAD): the kernel is exponentiated once and every step is a float32
+      matrix-vector product whose result is checked against underflow; the few sums it cannot vouch for (rows or
+      codes far from everything) are recomputed exactly in the log domain from the features. Log domain (beyond):
+      streaming log-sum-exp, exact for any spread.
+
+    When `distributed` is set, the rows are the local share of a batch spread over the ranks of the default process
+    group: the cost statistics, the code shifts, the row count and the column sums are reduced across ranks, so each
+    rank gets exactly the assignment its rows would get if the whole batch were solved in one process.
     """
 
-    def __init__(self, epsilon: float, iterations: int, normalization: str, chunk_size: int, distributed: bool):
+    def __init__(self, epsilon: float, iterations: int, normalization: str, chunk_size: int, distributed: bool,
+                 streaming: bool | None = None):
         self.epsilon = float(epsilon)
         self.iterations = int(iterations)
         self.normalization = normalization
         self.chunk_size = int(chunk_size)
         self.distributed = distributed
+        self.streaming = streaming
 
-    # -- statistics -----------------------------------------------------------------------------------------------
-    def kernel_scale(self, distances: torch.Tensor, code_dim: int) -> float:
-        """Factor s such that the log-kernel is -s * D up to per-row constants (which do not change the plan)."""
+    def uses_streaming(self, num_rows: int, num_codes: int) -> bool:
+        if self.streaming is not None:
+            return bool(self.streaming)
+        return num_rows * num_codes * 4 > STREAMING_MIN_BYTES
+
+    def tile_rows(self, num_rows: int, num_codes: int, device: torch.device) -> int:
+        rows = self.chunk_size if device.type != "cpu" else min(self.chunk_size, CPU_TILE_ENTRIES // num_codes)
+        return max(1, min(rows, num_rows))
+
+    # -- the normalisation ------------------------------------------------------------------------------------------
+    def kernel_scale(self, std: float, code_dim: int) -> float:
+        """s such that the log-kernel is -s * D up to per-row and per-code constants (which the potentials absorb)."""
         if self.normalization == "dim":
             return self.epsilon / math.sqrt(code_dim)
         if self.normalization == "none":
             return self.epsilon
         # "all": D' = (D - mean) / (std + 1e-6) - min(...): the mean and the min are constant shifts, only std matters.
-        return self.epsilon / (self.global_std(distances) + 1e-6)
+        return self.epsilon / (std + 1e-6)
 
-    def global_std(self, distances: torch.Tensor) -> float:
-        # Unbiased std in two float64 passes (mean, then squared deviations) over the rows of every rank; the same
-        # arithmetic in one process, so that a batch split over ranks gets the scale the whole batch gets.
-        count = torch.tensor([float(distances.numel())], dtype=torch.float64, device=distances.device)
-        total = distances.sum(dtype=torch.float64).reshape(1)
+    def statistics(self, distances: _DistanceTiles, buffer: torch.Tensor | None, tile_buffer: torch.Tensor | None,
+                   scratch: torch.Tensor):
+        """
+        The first pass: computes each distance tile (into `buffer` when materialised, else into `tile_buffer`).
+        Returns the unbiased std of all distances of all ranks, the largest row range, the row minima and the code
+        shifts (the minimum over all rows of all ranks of D - row_min).
+        """
+        num_rows, num_codes, device = distances.rows.shape[0], distances.codes.shape[0], scratch.device
+        row_min = torch.empty(num_rows, device=device)
+        code_shift = torch.full((num_codes,), math.inf, device=device)
+        largest_range = torch.zeros((), device=device)
+        # Per tile: its float32 mean m_t and the sum of squared deviations from it. The sums of n_t, n_t m_t, n_t m_t^2
+        # and the deviations combine exactly in float64 into the variance of the whole matrix: one pass, no
+        # catastrophic cancellation.
+        moments = torch.zeros(4, dtype=torch.float64, device=device)
+        for start, stop in _row_ranges(num_rows, scratch.shape[0]):
+            out = tile_buffer[: stop - start] if buffer is None else buffer[start:stop]
+            tile = distances.compute(slice(start, stop), out=out)
+            spare = scratch[: stop - start]
+            if self.normalization == "all":
+                mean = tile.sum() / tile.numel()
+                deviations = torch.sub(tile, mean, out=spare).square_().sum().double()
+                count, mean = torch.full_like(deviations, tile.numel()), mean.double()
+                moments += torch.stack([count, count * mean, count * mean * mean, deviations])
+            tile_min = tile.amin(dim=1)
+            row_min[start:stop] = tile_min
+            torch.maximum(largest_range, (tile.amax(dim=1) - tile_min).max(), out=largest_range)
+            torch.minimum(code_shift, torch.sub(tile, tile_min[:, None], out=spare).amin(dim=0), out=code_shift)
         if self.distributed:
-            _all_reduce(count)
-            _all_reduce(total)
-        mean = (total / count).float()
-        squares = torch.zeros(1, dtype=torch.float64, device=distances.device)
-        for start in range(0, distances.shape[0], self.chunk_size):  # chunks: no (N, K) temporary
-            squares += (distances[start : start + self.chunk_size] - mean).square_().sum(dtype=torch.float64)
-        if self.distributed:
-            _all_reduce(squares)
-        return math.sqrt(squares.item() / max(count.item() - 1.0, 1.0))
+            _all_reduce(moments)
+            extremes = _all_reduce(torch.cat([-largest_range.reshape(1), code_shift]), dist.ReduceOp.MIN)
+            largest_range, code_shift = -extremes[0], extremes[1:]
+        count, first, second, deviations = moments.tolist()
+        variance = max(deviations + second - first * first / max(count, 1.0), 0.0) / max(count - 1.0, 1.0)
+        return math.sqrt(variance), largest_range.item(), row_min, code_shift
 
     def total_rows(self, num_rows: int, device: torch.device) -> int:
         if not self.distributed:
@@ -142,81 +366,70 @@ class _SinkhornSolver:
         count = torch.tensor([num_rows], dtype=torch.float64, device=device)
         return int(_all_reduce(count).item())
 
-    def global_max(self, values: torch.Tensor) -> torch.Tensor:
-        if self.distributed:
-            _all_reduce(values, dist.ReduceOp.MAX)
-        return values
-
     # -- assignment -----------------------------------------------------------------------------------------------
-    def assign(self, distances: torch.Tensor, code_dim: int) -> torch.Tensor:
-        """Indices (N,) of the argmax of each row of the plan. Overwrites `distances`."""
-        scale = self.kernel_scale(distances, code_dim)
-        row_min, row_max = torch.aminmax(distances, dim=1)
-        spread = self.global_max(((row_max - row_min).max() * scale).reshape(1).double()).item()
-        # In place: the log-kernel, each row shifted so that its best entry is 0. The row potentials start at minus
-        # the shift, so the iterations are exactly those of the unshifted kernel from uniform row weights.
-        log_kernel = distances.sub_(row_min[:, None]).mul_(-scale)
-        initial_row_potential = row_min * -scale
-        if spread <= EXP_DOMAIN_MAX_SPREAD:
-            return self._assign_exp_domain(log_kernel.exp_(), initial_row_potential.double())
-        return self._assign_log_domain(log_kernel.clamp_(min=-1e30), initial_row_potential)
+    def assign(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Index (N,) of the argmax of each row of the Sinkhorn plan of the (N, d) rows' distances to the (K, d) codes."""
+        num_rows, num_codes = rows.shape[0], codes.shape[0]
+        if num_rows == 0 and not self.distributed:
+            return torch.empty(0, dtype=torch.long, device=rows.device)
+        tile_rows = self.tile_rows(num_rows, num_codes, rows.device)
+        streaming = self.uses_streaming(num_rows, num_codes)
+        buffer = None if streaming else rows.new_empty(num_rows, num_codes)
+        tile_buffer = rows.new_empty(tile_rows, num_codes) if streaming else None
+        scratch = rows.new_empty(tile_rows, num_codes)
+        distances = _DistanceTiles(rows, codes)
+        std, largest_range, row_min, code_shift = self.statistics(distances, buffer, tile_buffer, scratch)
+        scale = self.kernel_scale(std, codes.shape[1])
+        exp_domain = largest_range * scale <= EXP_DOMAIN_MAX_SPREAD
+        kernel = _Kernel(distances, buffer, tile_buffer, tile_rows, row_min, code_shift, scale, exp_domain)
+        return self.iterate(kernel, _ExpDomain(scratch) if exp_domain else _LogDomain(scratch))
 
-    def _assign_exp_domain(self, kernel: torch.Tensor, log_row: torch.Tensor) -> torch.Tensor:
-        # Scalings are kept as float64 logs and applied as float32 vectors normalised to a maximum of 1. Each
-        # matrix-vector product is then >= exp(-EXP_DOMAIN_MAX_SPREAD) (the term of the largest weight), while a term
-        # lost to underflow is < 1.2e-38: the products are exact up to float32 rounding.
-        num_rows, num_codes = kernel.shape
-        total_rows = self.total_rows(num_rows, kernel.device)
-        log_code = torch.zeros(num_codes, dtype=torch.float64, device=kernel.device)
-        for _ in range(self.iterations):
-            row_offset = self.global_max(log_row.max().reshape(1))
-            column_mass = kernel.T @ (log_row - row_offset).exp().float()
-            if self.distributed:
-                _all_reduce(column_mass)
-            log_code = -math.log(num_codes) - column_mass.double().log() - row_offset
-            code_offset = log_code.max()
-            row_mass = kernel @ (log_code - code_offset).exp().float()
-            log_row = -math.log(total_rows) - row_mass.double().log() - code_offset
-        code_weights = (log_code - log_code.max()).exp().float()
-        return self._chunked_argmax(kernel, lambda block: block * code_weights)
+    def iterate(self, kernel: _Kernel, domain) -> torch.Tensor:
+        device = kernel.row_min.device
+        num_rows, num_codes = kernel.row_min.shape[0], kernel.code_shift.shape[0]
+        total_rows = self.total_rows(num_rows, device)
+        log_rows, log_codes = math.log(total_rows), math.log(num_codes)
+        # The row potentials start at minus the row shift: the unshifted kernel from uniform row weights.
+        row_potential = kernel.row_min.double() * -kernel.scale
+        code_potential = None
+        for iteration in range(self.iterations):
+            columns = domain.columns(num_codes, total_rows, device)
+            for start, stop, tile in kernel.tiles():
+                if iteration > 0:
+                    lse, untrusted = domain.row_lse(tile, code_potential)
+                    if untrusted is not None and bool(untrusted.any()):
+                        bad = untrusted.nonzero()[:, 0]
+                        lse[bad] = torch.logsumexp(kernel.log_block(bad + start) + code_potential, dim=1)
+                    row_potential[start:stop] = -log_rows - lse
+                columns.add(tile, row_potential[start:stop])
+            lse, untrusted = columns.result(self.distributed)
+            if untrusted is not None and bool(untrusted.any()):
+                bad = untrusted.nonzero()[:, 0]
+                lse[bad] = self.exact_column_lse(kernel, row_potential, bad)
+            code_potential = -log_codes - lse
+        indices = torch.empty(num_rows, dtype=torch.long, device=device)
+        for start, stop, tile in kernel.tiles():
+            chosen, untrusted = domain.argmax(tile, code_potential)
+            if untrusted is not None and bool(untrusted.any()):
+                bad = untrusted.nonzero()[:, 0]
+                chosen[bad] = (kernel.log_block(bad + start) + code_potential).argmax(dim=1)
+            indices[start:stop] = chosen
+        return indices
 
-    def _assign_log_domain(self, log_kernel: torch.Tensor, row_potential: torch.Tensor) -> torch.Tensor:
-        num_rows, num_codes = log_kernel.shape
-        total_rows = self.total_rows(num_rows, log_kernel.device)
-        code_potential = torch.zeros(num_codes, dtype=log_kernel.dtype, device=log_kernel.device)
-        for _ in range(self.iterations):
-            code_potential = -math.log(num_codes) - self._column_logsumexp(log_kernel, row_potential)
-            row_potential = -math.log(total_rows) - self._row_logsumexp(log_kernel, code_potential)
-        return self._chunked_argmax(log_kernel, lambda block: block + code_potential)
-
-    def _column_logsumexp(self, log_kernel: torch.Tensor, row_potential: torch.Tensor) -> torch.Tensor:
-        # Streaming logsumexp over row chunks (and ranks): running maximum and sum of exponentials per column.
-        running_max = torch.full((log_kernel.shape[1],), -math.inf, dtype=log_kernel.dtype, device=log_kernel.device)
-        running_sum = torch.zeros_like(running_max)
-        for start in range(0, log_kernel.shape[0], self.chunk_size):
-            block = log_kernel[start : start + self.chunk_size] + row_potential[start : start + self.chunk_size, None]
-            block_max = block.amax(dim=0)
-            new_max = torch.maximum(running_max, block_max)
-            running_sum = running_sum * (running_max - new_max).exp() + block.sub_(new_max).exp_().sum(dim=0)
-            running_max = new_max
+    def exact_column_lse(self, kernel: _Kernel, row_potential: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Log-sum-exp over all rows (of all ranks) of A + f for a few codes, in float64 from the features."""
+        maximum = torch.full(codes.shape, -math.inf, dtype=torch.float64, device=codes.device)
+        total = torch.zeros_like(maximum)
+        for start, stop in kernel.ranges():
+            block = kernel.log_block(slice(start, stop), codes) + row_potential[start:stop, None]
+            new_maximum = torch.maximum(maximum, block.amax(dim=0))
+            total = total * (maximum - new_maximum).exp().nan_to_num(nan=0.0) + (block - new_maximum).exp().sum(dim=0)
+            maximum = new_maximum
         if self.distributed:
-            global_max = self.global_max(running_max.clone())
-            running_sum = _all_reduce(running_sum * (running_max - global_max).exp())
-            running_max = global_max
-        return running_max + running_sum.log()
-
-    def _row_logsumexp(self, log_kernel: torch.Tensor, code_potential: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(log_kernel.shape[0], dtype=log_kernel.dtype, device=log_kernel.device)
-        for start in range(0, log_kernel.shape[0], self.chunk_size):
-            block = log_kernel[start : start + self.chunk_size] + code_potential
-            out[start : start + self.chunk_size] = torch.logsumexp(block, dim=1)
-        return out
-
-    def _chunked_argmax(self, matrix: torch.Tensor, transform) -> torch.Tensor:
-        out = torch.empty(matrix.shape[0], dtype=torch.long, device=matrix.device)
-        for start in range(0, matrix.shape[0], self.chunk_size):
-            out[start : start + self.chunk_size] = transform(matrix[start : start + self.chunk_size]).argmax(dim=1)
-        return out
+            new_maximum = _all_reduce(maximum.clone(), dist.ReduceOp.MAX)
+            total = _all_reduce(total * (maximum - new_maximum).exp().nan_to_num(nan=0.0))
+            maximum = new_maximum
+        return maximum + total.log()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -374,6 +587,10 @@ class SinkhornQuantizer(VectorQuantizer):
         cost_normalization: "all" (standardise the distance matrix by its global statistics), "dim" (divide by
             sqrt(d)) or "none".
         inference_assignment: "nearest" or "sinkhorn".
+        streaming: how the Sinkhorn solver holds the (N, K) kernel: `False` keeps one (N, K) float32 matrix (fastest),
+            `True` holds none and recomputes row tiles of `chunk_size` rows from the features on every pass (memory
+            O(chunk_size x K); for very large codebooks), `None` (default) streams when the matrix would exceed
+            `STREAMING_MIN_BYTES`. Same assignments either way.
     """
 
     def __init__(
@@ -388,6 +605,7 @@ class SinkhornQuantizer(VectorQuantizer):
         beta: float = 0.25,
         inference_assignment: str = "nearest",
         chunk_size: int = 4096,
+        streaming: bool | None = None,
     ):
         super().__init__(num_codes, embed_dim, num_heads, use_projection=use_projection, beta=beta,
                          chunk_size=chunk_size)
@@ -397,17 +615,21 @@ class SinkhornQuantizer(VectorQuantizer):
             raise ValueError(
                 f"inference_assignment must be one of {INFERENCE_ASSIGNMENTS}, got {inference_assignment!r}"
             )
+        if streaming not in (None, True, False):
+            raise ValueError(f"streaming must be True, False or None (automatic), got {streaming!r}")
         if epsilon <= 0 or iterations <= 0:
             raise ValueError(f"epsilon and iterations must be positive, got {epsilon} and {iterations}")
         self.epsilon = float(epsilon)
         self.iterations = int(iterations)
         self.cost_normalization = cost_normalization
         self.inference_assignment = inference_assignment
+        self.streaming = streaming
 
     def sinkhorn_codes(self, rows: torch.Tensor, codes: torch.Tensor, distributed: bool) -> torch.Tensor:
         """Index (N,) of the argmax of each row of the Sinkhorn plan of the rows' distances to the codes."""
-        solver = _SinkhornSolver(self.epsilon, self.iterations, self.cost_normalization, self.chunk_size, distributed)
-        return solver.assign(torch.cdist(rows, codes), self.code_dim)
+        solver = _SinkhornSolver(self.epsilon, self.iterations, self.cost_normalization, self.chunk_size, distributed,
+                                 self.streaming)
+        return solver.assign(rows, codes)
 
     def assign(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -418,7 +640,8 @@ class SinkhornQuantizer(VectorQuantizer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, epsilon={self.epsilon}, iterations={self.iterations}, "
-                f"cost_normalization={self.cost_normalization!r}, inference_assignment={self.inference_assignment!r}")
+                f"cost_normalization={self.cost_normalization!r}, inference_assignment={self.inference_assignment!r}, "
+                f"streaming={self.streaming}")
 
 
 __all__ = ["QuantizerOutput", "SinkhornQuantizer", "VectorQuantizer", "sinkhorn"]

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU checks of the quantizer and the model in one call (about 6 minutes on an H100), from the repository root:
+#
+#     bash benchmarks/gpu_check.sh                # results printed and written to $OUT (or benchmarks/gpu_results)
+#
+# Needs a CUDA build of torch, transformers and diffusers. Packages the machine lacks (diffusers, datasets,
+# vector-quantize-pytorch and its dependencies) can travel as wheels in .whl/ (see benchmarks/README.md); they are
+# installed into /tmp/site, nothing else on the machine changes. The package itself is used from the checkout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-benchmarks/gpu_results}"
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python3}"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/machine.txt"
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$RESULTS/machine.txt"
+
+# 1. Exactness on the GPU: both modes against a float64 computation of the original formulas (same float32
+#    distances), and streaming == materialised.
+"$PYTHON" - <<'EOF' 2>&1 | tee "$RESULTS/exactness.txt"
+import sys, torch
+sys.path.insert(0, "tests")
+from original_formulas import original_indices
+import optvq_hf.quantization as quantization
+for num_rows, num_codes, dim in [(8192, 2048, 64), (16384, 4096, 64)]:
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(num_rows, dim, generator=generator).cuda()
+    codes = torch.randn(num_codes, dim, generator=generator).cuda()
+    expected = original_indices(rows, codes)
+    found = {}
+    for streaming in (False, True):
+        solver = quantization._SinkhornSolver(10.0, 5, "all", 4096, distributed=False, streaming=streaming)
+        found[streaming] = solver.assign(rows, codes)
+    print(f"N={num_rows} K={num_codes} d={dim}: materialised == float64 formulas on "
+          f"{(found[False] == expected).float().mean().item():.6%} of rows, streaming on "
+          f"{(found[True] == expected).float().mean().item():.6%}; streaming == materialised: "
+          f"{torch.equal(found[False], found[True])}")
+EOF
+
+# 2. The quantizer benchmark: default sizes, then a codebook of 65536 codes where streaming matters.
+"$PYTHON" benchmarks/quantizer.py --device cuda --repeats 10 --warmup 2 2>&1 | tee "$RESULTS/quantizer.txt"
+"$PYTHON" benchmarks/quantizer.py --device cuda --repeats 5 --warmup 1 --sizes 32768,65536,64 \
+    --methods original optvq optvq-stream nearest 2>&1 | tee -a "$RESULTS/quantizer.txt"
+
+# 3. The model benchmark at batch 32: fp32, then bf16 autocast + channels-last.
+"$PYTHON" benchmarks/model.py --device cuda --batch 32 --repeats 5 2>&1 | tee "$RESULTS/model.txt"
+"$PYTHON" benchmarks/model.py --device cuda --batch 32 --repeats 5 --bf16 --channels_last 2>&1 \
+    | tee -a "$RESULTS/model.txt"

@@ -1,0 +1,191 @@
+"""Throughput (images/s) and peak memory of OptVQModel: encode, decode and a full training step (forward + backward).
+
+Each configuration runs twice: with diffusers' default attention (`AttnProcessor2_0`, PyTorch's fused
+scaled_dot_product_attention) and with plain attention (`AttnProcessor`: explicit softmax(QK^T)V, as the original
+OptVQ computes it), same weights. Options: channels-last memory format, bfloat16 autocast, `torch.compile` of the
+encoder and decoder (the quantizer always runs eagerly in float32).
+
+    python benchmarks/model.py                                  # CPU: small batches; CUDA when available: batch 32
+    python benchmarks/model.py --configs small --batch 8 --repeats 5
+    python benchmarks/model.py --device cuda --batch 32 --bf16 --channels_last
+    python benchmarks/model.py --device cuda --batch 32 --compile
+
+Configurations: `default` is `OptVQConfig()` (256x256 images, 16x16x4 tokens, 16384 codes, 73 M parameters);
+`small` is a 64x64 model (8x8x4 tokens, 1024 codes). Phases: `encode` and `decode` in eval mode without gradients
+(nearest-code assignment), `train` = training-mode forward + L1 reconstruction loss + quantizer loss + backward
+(Sinkhorn assignment over the batch). Time: median of `--repeats` calls after `--warmup` calls (CUDA events on GPU).
+Memory: peak above what was allocated before the call: `torch.cuda.max_memory_allocated` on GPU; on CPU the peak
+resident set (Linux /proc/self/clear_refs + VmHWM, with glibc told to return freed memory at once; the script re-runs
+itself with those settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+from optvq_hf import OptVQConfig, OptVQModel
+
+CONFIGS = {
+    "default": {},
+    "small": dict(resolution=64, base_channels=32, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1,
+                  attn_resolutions=(8,), latent_channels=64, embed_dim=64, num_heads=4, num_codes=1024),
+}
+PHASES = ("encode", "decode", "train")
+_MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def set_attention(model: OptVQModel, plain: bool) -> int:
+    """Give every attention layer the plain or the fused (SDPA) processor; returns how many layers there are."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    layers = [module for module in model.modules() if isinstance(module, Attention)]
+    for layer in layers:
+        layer.set_processor(AttnProcessor() if plain else AttnProcessor2_0())
+    return len(layers)
+
+
+def build_model(config_name: str, plain_attention: bool, args, device: torch.device) -> OptVQModel:
+    torch.manual_seed(0)
+    model = OptVQModel(OptVQConfig(**CONFIGS[config_name])).to(device)
+    set_attention(model, plain_attention)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.encoder = torch.compile(model.encoder)
+        model.decoder = torch.compile(model.decoder)
+    return model
+
+
+def phase_call(phase: str, model: OptVQModel, images: torch.Tensor, quantized: torch.Tensor, args):
+    autocast = (torch.autocast(images.device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
+    if phase == "train":
+        model.train()
+        model.zero_grad(set_to_none=True)
+        with autocast:
+            out = model(images)
+            loss = (out.reconstruction.float() - images).abs().mean() + out.quantizer_loss
+        loss.backward()
+        return
+    model.eval()
+    with torch.no_grad(), autocast:
+        if phase == "encode":
+            model.encode(images)
+        else:
+            model.decode(quantized)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE).group(1))
+
+
+def measure(phase, model, images, quantized, args, device):
+    """(median seconds, peak bytes above the memory in use before the call); the memory comes from the last call."""
+    for _ in range(args.warmup):
+        phase_call(phase, model, images, quantized, args)
+    times, peak = [], None
+    for repeat in range(args.repeats):
+        last = repeat == args.repeats - 1
+        model.zero_grad(set_to_none=True)
+        if last:
+            gc.collect()
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            if last:
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+            begin.record()
+            phase_call(phase, model, images, quantized, args)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end) / 1000)
+            if last:
+                peak = torch.cuda.max_memory_allocated(device) - before
+        else:
+            if last and sys.platform.startswith("linux"):
+                before = _status_kib("VmRSS")
+                with open("/proc/self/clear_refs", "w") as handle:
+                    handle.write("5")  # VmHWM := VmRSS
+            begin = time.perf_counter()
+            phase_call(phase, model, images, quantized, args)
+            times.append(time.perf_counter() - begin)
+            if last and sys.platform.startswith("linux"):
+                peak = (_status_kib("VmHWM") - before) * 1024
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times), peak
+
+
+def format_bytes(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 2**20:,.0f} MiB" if value < 2**30 else f"{value / 2**30:,.2f} GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None, help="images per call (default: 32 on CUDA; CPU: 1 for "
+                                                                "the default config, 8 for the small one)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (the quantizer stays float32)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decoder")
+    parser.add_argument("--attention", nargs="+", default=["sdpa", "plain"], choices=["sdpa", "plain"])
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.compile and args.warmup < 2:
+        args.warmup = 2  # the first calls compile
+    device = torch.device(args.device)
+    if device.type == "cpu" and sys.platform.startswith("linux") and any(k not in os.environ for k in _MALLOC_SETTINGS):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC_SETTINGS})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    options = [name for name in ("channels_last", "bf16", "compile") if getattr(args, name)] or ["fp32"]
+    print(f"machine: {machine}; torch {torch.__version__}; options: {', '.join(options)}")
+    print(f"{'config':<8} {'attention':<9} {'phase':<7} {'batch':>5} {'ms/call':>9} {'images/s':>9} "
+          f"{'vs plain':>8} {'peak memory':>12}")
+    for config_name in args.configs:
+        batch = args.batch or (32 if device.type == "cuda" else (1 if config_name == "default" else 8))
+        config = OptVQConfig(**CONFIGS[config_name])
+        generator = torch.Generator().manual_seed(0)
+        images = (torch.rand(batch, 3, config.resolution, config.resolution, generator=generator) * 2 - 1).to(device)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        results = {}
+        for attention in args.attention:
+            model = build_model(config_name, attention == "plain", args, device)
+            with torch.no_grad():
+                quantized = model.eval().encode(images).quantized
+            for phase in args.phases:
+                results[attention, phase] = measure(phase, model, images, quantized, args, device)
+            del model, quantized
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        for attention in args.attention:
+            for phase in args.phases:
+                seconds, peak = results[attention, phase]
+                plain = results.get(("plain", phase))
+                speedup = f"{plain[0] / seconds:.2f}x" if plain else "-"
+                print(f"{config_name:<8} {attention:<9} {phase:<7} {batch:>5} {seconds * 1e3:>9.1f} "
+                      f"{batch / seconds:>9.2f} {speedup:>8} {format_bytes(peak):>12}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+"""Speed and memory of one quantizer call (forward + backward, training mode), against the original algorithm.
+
+Compares, in one run and on the same inputs:
+
+- `optvq`: this package's `SinkhornQuantizer` (materialised: one (N, K) matrix),
+- `optvq-stream`: the same in streaming mode (no (N, K) matrix; tiles recomputed on every pass),
+- `original`: the original OptVQ algorithm written straight from its formulas (cdist, (D - mean) / (std + 1e-6),
+  minus the min, exp, 5 in-place scaling iterations with the +1e-8 guards, argmax), the baseline the paper's users run,
+- `nearest`: this package's `VectorQuantizer` (nearest code), the floor of what any assignment costs,
+- `vq-pytorch`: `vector_quantize_pytorch.VectorQuantize` (nearest code with EMA codebook updates, its defaults), when
+  importable (`pip install vector-quantize-pytorch`; benchmark-only).
+
+N rows of dimension d are fed as the paper's layout: (N / 1024, 4 * d, 16, 16) features, 4 heads, one codebook of K
+codes shared by the heads. Each call is `loss = out.loss + mean(out.quantized ** 2); loss.backward()`.
+
+    python benchmarks/quantizer.py                                  # CPU, or CUDA when available; default sizes
+    python benchmarks/quantizer.py --sizes 16384,4096,64 --repeats 9
+    python benchmarks/quantizer.py --device cuda --sizes 32768,16384,64 32768,65536,64
+
+Time: median over `--repeats` calls after `--warmup` calls, the methods interleaved call by call (other processes on
+the machine slow all of them alike); CUDA times come from CUDA events. Memory: the peak above what was allocated
+before the call (the inputs, parameters and module state). CUDA: `torch.cuda.max_memory_allocated`. CPU: the peak
+resident set size of a fresh process running one call (Linux: /proc/self/clear_refs resets the high-water mark,
+VmHWM in /proc/self/status reads it), with glibc told to return freed memory at once, so that the resident set
+follows the allocations; it includes a few MB of first-call library buffers, alike for every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from optvq_hf import SinkhornQuantizer, VectorQuantizer
+
+HEADS = 4
+DEFAULT_SIZES = ["4096,1024,64", "16384,4096,64", "32768,16384,64"]
+METHODS = ["original", "optvq", "optvq-stream", "nearest", "vq-pytorch"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The original algorithm, from its formulas (GitHub zbr17/OptVQ, VectorQuantizerSinkhorn and sinkhorn)
+# ---------------------------------------------------------------------------------------------------------------------
+def original_sinkhorn(cost: torch.Tensor, iterations: int, epsilon: float) -> torch.Tensor:
+    plan = torch.exp(-cost * epsilon).t()  # (K, N)
+    num_codes, num_rows = plan.shape
+    plan /= plan.sum() + 1e-8
+    for _ in range(iterations):
+        plan /= plan.sum(dim=1, keepdim=True) + 1e-8
+        plan /= num_codes
+        plan /= plan.sum(dim=0, keepdim=True) + 1e-8
+        plan /= num_rows
+    plan *= num_rows
+    return plan.t()
+
+
+class OriginalSinkhornQuantizer(nn.Module):
+    """The original quantizer's training-mode computation, with this package's parameters and loss."""
+
+    def __init__(self, num_codes: int, embed_dim: int, num_heads: int, epsilon: float = 10.0, iterations: int = 5,
+                 beta: float = 0.25):
+        super().__init__()
+        self.num_heads, self.code_dim = num_heads, embed_dim // num_heads
+        self.epsilon, self.iterations, self.beta = epsilon, iterations, beta
+        self.embedding = nn.Embedding(num_codes, self.code_dim)
+        self.proj = nn.Linear(self.code_dim, self.code_dim)
+
+    def forward(self, z: torch.Tensor):
+        channels_last = z.permute(0, 2, 3, 1)
+        rows = channels_last.float().reshape(-1, self.code_dim)
+        codes = self.proj(self.embedding.weight)
+        distances = torch.cdist(rows, codes)  # outside no_grad, as in the original
+        with torch.no_grad():
+            cost = (distances - distances.mean()) / (distances.std() + 1e-6)
+            cost = cost - cost.min()
+            plan = original_sinkhorn(cost, self.iterations, self.epsilon)
+        indices = plan.argmax(dim=-1)
+        selected = codes[indices]
+        loss = torch.mean((rows - selected.detach()) ** 2) + self.beta * torch.mean((selected - rows.detach()) ** 2)
+        quantized = rows + (selected - rows).detach()
+        quantized = quantized.reshape(channels_last.shape).permute(0, 3, 1, 2)
+        return quantized, indices, loss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------------------------------------
+def vq_pytorch_available() -> bool:
+    try:
+        import vector_quantize_pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build(method: str, num_codes: int, code_dim: int, device: torch.device) -> nn.Module:
+    embed_dim = HEADS * code_dim
+    torch.manual_seed(0)
+    # One codebook for the three Sinkhorn variants, so that their assignments can be compared.
+    reference = VectorQuantizer(num_codes, embed_dim, HEADS).state_dict()
+    if method == "original":
+        module = OriginalSinkhornQuantizer(num_codes, embed_dim, HEADS)
+    elif method in ("optvq", "optvq-stream"):
+        module = SinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=method == "optvq-stream")
+    elif method == "nearest":
+        module = VectorQuantizer(num_codes, embed_dim, HEADS)
+    elif method == "vq-pytorch":
+        from vector_quantize_pytorch import VectorQuantize
+
+        module = VectorQuantize(dim=embed_dim, codebook_size=num_codes, heads=HEADS, codebook_dim=code_dim,
+                                separate_codebook_per_head=False, accept_image_fmap=True)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    if method in ("optvq", "optvq-stream", "original"):
+        module.load_state_dict(reference)
+    return module.to(device).train()
+
+
+def make_input(num_rows: int, code_dim: int, device: torch.device) -> torch.Tensor:
+    if num_rows % (HEADS * 256):
+        raise ValueError(f"N must be a multiple of {HEADS * 256} (batch x 16 x 16 positions x {HEADS} heads)")
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(num_rows // (HEADS * 256), HEADS * code_dim, 16, 16, generator=generator)
+    return z.to(device).requires_grad_(True)
+
+
+def step(module: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """One training-mode forward + backward; returns the indices."""
+    out = module(z)
+    quantized, indices, loss = (out.quantized, out.indices, out.loss) if hasattr(out, "quantized") else out
+    (loss.sum() + quantized.float().pow(2).mean()).backward()
+    return indices
+
+
+def clear_grads(module: nn.Module, z: torch.Tensor) -> None:
+    z.grad = None
+    module.zero_grad(set_to_none=True)
+
+
+def estimated_peak_bytes(method: str, num_rows: int, num_codes: int) -> float:
+    """Rough peak, to skip cases that cannot fit: in (N, K) float32 matrices, from the code of each method."""
+    matrices = {"original": 4.5, "vq-pytorch": 4.0, "optvq": 1.1, "optvq-stream": 0.05, "nearest": 0.3}[method]
+    return matrices * num_rows * num_codes * 4
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Timing (one process, methods interleaved)
+# ---------------------------------------------------------------------------------------------------------------------
+def time_methods(methods, num_rows, num_codes, code_dim, device, warmup, repeats, max_seconds):
+    cases = {method: (build(method, num_codes, code_dim, device), make_input(num_rows, code_dim, device))
+             for method in methods}
+    times = {method: [] for method in methods}
+    indices = {}
+    started = time.perf_counter()
+    for call in range(warmup + repeats):
+        for method in methods:
+            module, z = cases[method]
+            clear_grads(module, z)
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                begin.record()
+                result = step(module, z)
+                end.record()
+                torch.cuda.synchronize()
+                elapsed = begin.elapsed_time(end) / 1000
+            else:
+                begin = time.perf_counter()
+                result = step(module, z)
+                elapsed = time.perf_counter() - begin
+            if call >= warmup:
+                times[method].append(elapsed)
+            indices[method] = result.detach()
+        if call >= warmup + 2 and time.perf_counter() - started > max_seconds:
+            break  # large sizes: at least 3 timed calls, then stop at the time budget
+    return {method: statistics.median(values) for method, values in times.items()}, indices, len(times[methods[0]])
+
+
+def comparable_indices(method: str, indices: torch.Tensor) -> torch.Tensor:
+    if method == "vq-pytorch":  # (B, H, W, heads)
+        return indices.reshape(-1)
+    if indices.ndim == 4:  # (B, heads, H, W) -> rows in position-major, heads-adjacent order
+        return indices.permute(0, 2, 3, 1).reshape(-1)
+    return indices.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE).group(1))
+
+
+def cpu_peak_in_this_process(method, num_rows, num_codes, code_dim) -> int:
+    """Peak resident bytes above the resident set before one call (run in a fresh process)."""
+    device = torch.device("cpu")
+    module, z = build(method, num_codes, code_dim, device), make_input(num_rows, code_dim, device)
+    step(module, z)  # first call: library buffers, lazily created state
+    clear_grads(module, z)
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM to the current resident set
+    step(module, z)
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def cpu_peak(method, num_rows, num_codes, code_dim) -> int | None:
+    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    command = [sys.executable, __file__, "--memory-case", method, str(num_rows), str(num_codes), str(code_dim),
+               "--threads", str(torch.get_num_threads())]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    if result.returncode != 0:
+        print(f"memory case {method} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+def cuda_peak(method, num_rows, num_codes, code_dim, device) -> int:
+    module, z = build(method, num_codes, code_dim, device), make_input(num_rows, code_dim, device)
+    step(module, z)
+    clear_grads(module, z)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step(module, z)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del module, z
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+def describe_machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    processor = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            processor = re.search(r"model name\s*:\s*(.*)", handle.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return f"{processor}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def format_bytes(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 2**20:,.0f} MiB" if value < 2**30 else f"{value / 2**30:,.2f} GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, help="N,K,d triples (N rows, K codes, d dims)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="per size, after 3 timed calls")
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="skip a case whose estimated peak exceeds this (default: 20 on CPU, the free GPU memory)")
+    parser.add_argument("--no-memory", action="store_true", help="time only")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--memory-case", nargs=4, metavar=("METHOD", "N", "K", "D"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.memory_case:
+        method, num_rows, num_codes, code_dim = args.memory_case
+        peak = cpu_peak_in_this_process(method, int(num_rows), int(num_codes), int(code_dim))
+        print(json.dumps({"peak_bytes": peak}))
+        return
+
+    device = torch.device(args.device)
+    methods = [m for m in args.methods if m != "vq-pytorch" or vq_pytorch_available()]
+    if "vq-pytorch" in args.methods and "vq-pytorch" not in methods:
+        print("vq-pytorch: vector_quantize_pytorch is not installed; skipped")
+    if args.max_memory_gb is not None:
+        budget = args.max_memory_gb * 2**30
+    elif device.type == "cuda":
+        budget = 0.9 * torch.cuda.mem_get_info(device)[0]
+    else:
+        budget = 20 * 2**30
+    print(f"machine: {describe_machine(device)}")
+    print(f"training-mode forward + backward; {HEADS} heads; epsilon 10, 5 Sinkhorn iterations; time = median; "
+          f"memory = peak above the inputs ({'max_memory_allocated' if device.type == 'cuda' else 'peak RSS'})")
+    header = (f"{'N':>6} {'K':>6} {'d':>3}  {'method':<13} {'time ms':>10} {'vs original':>11} {'vs nearest':>10} "
+              f"{'peak memory':>12} {'mem vs orig':>11} {'same idx as optvq':>17}")
+    rows = []
+    for size in args.sizes:
+        num_rows, num_codes, code_dim = (int(value) for value in size.split(","))
+        fitting = [m for m in methods if estimated_peak_bytes(m, num_rows, num_codes) <= budget]
+        for method in sorted(set(methods) - set(fitting), key=methods.index):
+            print(f"skipped {method} at N={num_rows} K={num_codes} d={code_dim}: estimated peak "
+                  f"{format_bytes(estimated_peak_bytes(method, num_rows, num_codes))} > budget {format_bytes(budget)}")
+        if not fitting:
+            continue
+        times, indices, calls = time_methods(fitting, num_rows, num_codes, code_dim, device, args.warmup,
+                                             args.repeats, args.max_seconds)
+        peaks = {}
+        if not args.no_memory:
+            for method in fitting:
+                peaks[method] = (cuda_peak(method, num_rows, num_codes, code_dim, device) if device.type == "cuda"
+                                 else cpu_peak(method, num_rows, num_codes, code_dim))
+        reference = comparable_indices("optvq", indices["optvq"]) if "optvq" in indices else None
+        for method in fitting:
+            same = "-"
+            if reference is not None and method in ("original", "optvq-stream"):
+                same = f"{(comparable_indices(method, indices[method]) == reference).float().mean().item():.4%}"
+            rows.append((num_rows, num_codes, code_dim, method, times[method] * 1e3,
+                         times[method] / times["original"] if "original" in times else math.nan,
+                         times[method] / times["nearest"] if "nearest" in times else math.nan,
+                         peaks.get(method),
+                         peaks[method] / peaks["original"] if peaks.get(method) and peaks.get("original") else math.nan,
+                         same, calls))
+    print(header)
+    for num_rows, num_codes, code_dim, method, milliseconds, vs_original, vs_nearest, peak, memory_ratio, same, calls \
+            in rows:
+        print(f"{num_rows:>6} {num_codes:>6} {code_dim:>3}  {method:<13} {milliseconds:>10.1f} {vs_original:>10.2f}x "
+              f"{vs_nearest:>9.2f}x {format_bytes(peak):>12} {memory_ratio:>10.2f}x {same:>17}")
+    print(f"(median of {args.repeats} calls after {args.warmup} warm-up, fewer where --max-seconds cut a size short)")
+
+
+if __name__ == "__main__":
+    main()

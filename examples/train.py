@@ -1,0 +1,630 @@
+#!/usr/bin/env python
+"""
+Train an OptVQ image tokenizer with Accelerate: one process, several GPUs or several nodes, with no code change.
+
+Launch (from the repository root):
+
+    # the offline default: a tiny tokenizer on scikit-image's sample photos, on CPU (or `make demo`)
+    accelerate launch examples/train.py
+
+    # one GPU
+    accelerate launch --num_processes 1 examples/train.py --config examples/configs/imagenet_16x16x4.yaml \\
+        --output_dir optvq-imagenet
+
+    # 8 GPUs of one machine (train_batch_size is per GPU: 8 GPUs x 8 images = the paper's batch of 64)
+    accelerate launch --multi_gpu --num_processes 8 examples/train.py \\
+        --config examples/configs/imagenet_16x16x4.yaml --output_dir optvq-imagenet
+
+    # 2 nodes of 8 GPUs: the same command on each node, with its own --machine_rank (0 on the main node)
+    accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \\
+        --main_process_ip 10.0.0.1 --main_process_port 29500 \\
+        examples/train.py --config examples/configs/imagenet_16x16x4.yaml --output_dir /shared/optvq-imagenet
+
+    # continue an interrupted run from its newest complete checkpoint (same command plus)
+    ... --resume_from_checkpoint latest
+
+    # 2 processes on CPU, to try the distributed path without GPUs
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train.py --max_train_steps 20
+
+`accelerate config` can store the launch settings instead of the flags; `torchrun --nproc_per_node 8
+examples/train.py ...` works as well. A launch whose processes do not form one distributed group is refused.
+
+Configuration: `--config file.yaml` (default: examples/configs/tiny.yaml) holds the fields of `TrainingConfig`
+below, a `model:` section of `OptVQConfig` fields and a `loss:` section of `OptVQLossConfig` fields. Every field can
+be overridden on the command line: `--learning_rate 1e-4`, `--model.num_codes 1024`, `--loss.disc_start 0`
+(`--resolution` is `--model.resolution`). Unknown fields and values of the wrong type stop the run before training.
+
+One training step (= one optimizer update) of the global batch (train_batch_size x processes x
+gradient_accumulation_steps images):
+  1. autoencoder: reconstruct, `OptVQLoss.generator_loss` (L1 + L2 + perceptual + quantizer, plus the adaptive
+     adversarial term from `loss.disc_start`), backward, clip, AdamW step, learning-rate step, EMA update;
+  2. discriminator: hinge loss on the real images and the (detached) reconstructions of step 1, backward, clip,
+     AdamW step. The original recomputes the reconstructions with the updated autoencoder; reusing them saves a
+     forward pass.
+The quantizer assigns codes by Sinkhorn over the global batch: its marginals are summed over all processes.
+
+Outputs in --output_dir: the tokenizer (`OptVQModel.from_pretrained(output_dir)`, with its image processor), `ema/`
+(with --use_ema), `checkpoint-<step>/` (resumable state), `samples/reconstruction-<step>.png` (originals above,
+reconstructions below), `reconstruction.png`, `report.json` / `report.md` (validation PSNR, L1, codebook usage and
+perplexity per head), `training_config.yaml` and `logs/` (tensorboard).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
+from optvq_hf.data import (
+    RandomCropTransform,
+    StreamingTrainBatches,
+    TrainBatches,
+    TrainImages,
+    ValidationImages,
+    check_images,
+    load_image_splits,
+    shard_stream,
+)
+from optvq_hf.losses import OptVQLoss, OptVQLossConfig
+from optvq_hf.metrics import ReconstructionMetrics, codebook_usage, perplexity
+from optvq_hf.training import (
+    build_config,
+    check_process_group,
+    kmeans_init_codebook,
+    load_checkpoint_state,
+    load_yaml,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+
+logger = get_logger(__name__)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
+LR_SCHEDULERS = ("constant", "one_cycle", "cosine", "linear")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingConfig:
+    """Every option of a run. `model` holds `OptVQConfig` fields, `loss` holds `OptVQLossConfig` fields."""
+
+    # -- data
+    dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset, or builtin:skimage-photos / builtin:digits (offline)"})  # fmt: skip
+    dataset_config_name: str | None = field(default=None, metadata={"help": "the configuration of dataset_name"})
+    train_data_dir: str | None = field(default=None, metadata={"help": "a local folder of images (imagefolder)"})
+    image_column: str = field(default="image", metadata={"help": "the column that holds the images"})
+    train_split: str = "train"
+    validation_split: str | None = field(default=None, metadata={"help": "default: validation, else test, else held out from train"})  # fmt: skip
+    num_validation_images: int = field(default=256, metadata={"help": "images validated (held out if no split)"})
+    streaming: bool = field(default=False, metadata={"help": "stream the dataset instead of downloading it"})
+    shuffle_buffer_size: int = field(default=1000, metadata={"help": "shuffle buffer of a streamed dataset"})
+    dataset_repeats: int = field(default=1, metadata={"help": "an epoch goes this many times over the images"})
+    train_crop_scale: tuple[float, float] = field(default=(1.0, 1.0), metadata={"help": "random crop area range, fraction of the shorter-side square"})  # fmt: skip
+    random_flip: bool = True
+    dataloader_num_workers: int = field(default=0, metadata={"help": "loader processes (threads when streaming)"})
+    image_check_count: int = field(default=64, metadata={"help": "training images decoded before training (-1: all)"})
+    cache_dir: str | None = None
+    # -- model and objective
+    model: dict = field(default_factory=dict, metadata={"help": "OptVQConfig fields"})
+    loss: dict = field(default_factory=dict, metadata={"help": "OptVQLossConfig fields"})
+    # -- optimisation
+    seed: int = 42
+    max_train_steps: int | None = field(default=None, metadata={"help": "optimizer steps; default num_train_epochs"})
+    num_train_epochs: int = 1
+    train_batch_size: int = field(default=8, metadata={"help": "images per process and micro-batch"})
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    scale_lr: bool = field(default=False, metadata={"help": "multiply learning_rate by the global batch (the original's rule)"})  # fmt: skip
+    codebook_lr_multiplier: float = field(default=1.0, metadata={"help": "learning-rate factor of the quantizer"})
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-7
+    adam_weight_decay: float = field(default=0.05, metadata={"help": "on convolution and linear weights only"})
+    lr_scheduler: str = field(default="constant", metadata={"help": f"one of {LR_SCHEDULERS}"})
+    lr_warmup_steps: int = 0
+    one_cycle_pct_start: float = 0.01
+    max_grad_norm: float = 1.0
+    mixed_precision: str | None = field(default=None, metadata={"help": "no, fp16 or bf16; default: accelerate's"})
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    kmeans_init: bool = field(default=False, metadata={"help": "initialise the codebook by k-means on encoder features"})  # fmt: skip
+    kmeans_init_batches: int = 8
+    kmeans_iterations: int = 20
+    sync_batchnorm: bool = field(default=True, metadata={"help": "discriminator SyncBatchNorm on several GPUs"})
+    # -- outputs
+    output_dir: str = "optvq-output"
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
+    tracker_project_name: str = "optvq"
+    logging_steps: int = field(default=10, metadata={"help": "window of the codebook usage and images/s"})
+    image_logging_steps: int = field(default=500, metadata={"help": "steps between reconstruction grids"})
+    validation_steps: int | None = field(default=None, metadata={"help": "steps between validations (always at the end)"})  # fmt: skip
+    validation_batch_size: int | None = None
+    num_grid_images: int = 8
+
+    def __post_init__(self) -> None:
+        positive = ("num_validation_images", "dataset_repeats", "num_train_epochs", "train_batch_size",
+                    "gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "image_logging_steps",
+                    "kmeans_init_batches", "kmeans_iterations", "shuffle_buffer_size")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_steps", "validation_steps", "validation_batch_size", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
+        for name in ("learning_rate", "adam_epsilon"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("adam_weight_decay", "max_grad_norm", "codebook_lr_multiplier", "lr_warmup_steps",
+                     "dataloader_num_workers", "num_grid_images"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2", "ema_decay", "one_cycle_pct_start"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        choices = {"lr_scheduler": LR_SCHEDULERS, "report_to": ("tensorboard", "wandb", "all", "none"),
+                   "mixed_precision": (None, "no", "fp16", "bf16")}  # fmt: skip
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if len(self.train_crop_scale) != 2:
+            raise ValueError(f"train_crop_scale must be [low, high], got {self.train_crop_scale}")
+        if self.streaming and self.max_train_steps is None:
+            raise ValueError("a streamed dataset has no known length: set max_train_steps")
+
+    def model_config(self) -> OptVQConfig:
+        return OptVQConfig(**self.model)
+
+    def loss_config(self) -> OptVQLossConfig:
+        return OptVQLossConfig(**self.loss)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainingConfig:
+    """`--config file.yaml` plus `--field value` overrides (`--model.field`, `--loss.field` for the sections)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of options (default: %(default)s)")
+    for option in fields(TrainingConfig):
+        if option.name not in ("model", "loss"):
+            parser.add_argument(f"--{option.name}", default=argparse.SUPPRESS, help=option.metadata.get("help"))
+    parser.add_argument("--resolution", dest="model.resolution", default=argparse.SUPPRESS, help="= --model.resolution")
+    for section, cls in (("model", OptVQConfig), ("loss", OptVQLossConfig)):
+        group = parser.add_argument_group(f"{section} ({cls.__name__} fields, see its docstring)")
+        for name in _section_fields(cls):
+            group.add_argument(f"--{section}.{name}", default=argparse.SUPPRESS, metavar="VALUE")
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config")
+    return build_config(TrainingConfig, load_yaml(config_file), args, SECTIONS, source=f"config file {config_file!r}")
+
+
+SECTIONS = {"model": OptVQConfig, "loss": OptVQLossConfig}
+
+
+def _section_fields(cls: type) -> list[str]:
+    from optvq_hf.training import field_types
+
+    return [name for name in field_types(cls) if name != "initializer_range"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ---------------------------------------------------------------------------------------------------------------------
+def build_optimizer(modules: list[torch.nn.Module], config: TrainingConfig, lr: float, codebook_lr: float | None = None):
+    """AdamW as in the original: weight decay on convolution / linear weights only (not on biases, norms, codebook);
+    the quantizer's parameters at `codebook_lr` if given."""
+    decay, no_decay, codebook = [], [], []
+    for module in modules:
+        for submodule in module.modules():
+            for name, parameter in submodule.named_parameters(recurse=False):
+                if not parameter.requires_grad:
+                    continue
+                if codebook_lr is not None and _is_quantizer_parameter(module, parameter):
+                    codebook.append(parameter)
+                elif name == "weight" and isinstance(submodule, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+                    decay.append(parameter)
+                else:
+                    no_decay.append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": config.adam_weight_decay, "lr": lr},
+        {"params": no_decay, "weight_decay": 0.0, "lr": lr},
+    ]
+    if codebook:
+        groups.append({"params": codebook, "weight_decay": 0.0, "lr": codebook_lr})
+    return torch.optim.AdamW(
+        [group for group in groups if group["params"]],
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+    )
+
+
+def _is_quantizer_parameter(module: torch.nn.Module, parameter: torch.nn.Parameter) -> bool:
+    quantizer = getattr(module, "quantizer", None)
+    return quantizer is not None and any(parameter is p for p in quantizer.parameters())
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, total_steps: int):
+    """Learning rate per optimizer step. `one_cycle` is the original's OneCycleLR (cosine warm-up over
+    `one_cycle_pct_start` of the run, then cosine decay), without its cycling of Adam's beta1."""
+    if config.lr_scheduler == "one_cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total_steps,
+            pct_start=config.one_cycle_pct_start,
+            anneal_strategy="cos",
+            cycle_momentum=False,
+        )
+    from diffusers.optimization import get_scheduler
+
+    name = "constant_with_warmup" if config.lr_scheduler == "constant" else config.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=total_steps)
+
+
+class CodeCounter:
+    """Histogram of the codes used per head over a window of steps (codebook usage and perplexity)."""
+
+    def __init__(self, num_heads: int, num_codes: int, device: torch.device):
+        self.counts = torch.zeros(num_heads, num_codes, dtype=torch.int64, device=device)
+
+    def add(self, indices: torch.Tensor) -> None:
+        num_heads, num_codes = self.counts.shape
+        flat = indices.detach().transpose(0, 1).reshape(num_heads, -1)  # (B, heads, h, w) -> (heads, B*h*w)
+        offsets = torch.arange(num_heads, device=flat.device).unsqueeze(1) * num_codes
+        self.counts += torch.bincount((flat + offsets).flatten(), minlength=num_heads * num_codes).view_as(self.counts)
+
+    def summary(self, accelerator: Accelerator) -> dict[str, float]:
+        counts = accelerator.reduce(self.counts.clone(), reduction="sum")
+        self.counts.zero_()
+        result = {"usage": float(codebook_usage(counts.sum(0))), "perplexity": float(perplexity(counts.sum(0)))}
+        for head, (usage, ppl) in enumerate(zip(codebook_usage(counts).tolist(), perplexity(counts).tolist())):
+            result[f"usage_head{head}"], result[f"perplexity_head{head}"] = usage, ppl
+        return result
+
+
+@torch.no_grad()
+def validate(model: OptVQModel, loader, accelerator: Accelerator) -> dict[str, float]:
+    """Validation metrics over every process's shard: PSNR (Y channel as the original's evaluation, and RGB), L1,
+    codebook usage and perplexity (overall and per head). Eval mode: nearest-code assignment, no collective."""
+    config = model.config
+    names = ("psnr", "psnr_rgb", "usage", "perplexity") if config.in_channels == 3 else ("psnr_rgb", "usage", "perplexity")
+    metrics = ReconstructionMetrics(names, num_codes=config.num_codes, num_heads=config.num_heads,
+                                    device=accelerator.device)  # fmt: skip
+    l1_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # |error| in [0, 1] units
+    l1_count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    was_training = model.training
+    model.eval()
+    for pixel_values in loader:
+        pixel_values = pixel_values.to(accelerator.device)
+        output = model(pixel_values)
+        reconstruction = output.reconstruction.float().clamp(-1, 1)
+        metrics.update(pixel_values, reconstruction, output.indices)
+        l1_sum += (reconstruction - pixel_values).abs().sum().double() / 2  # [-1, 1] -> [0, 1] units
+        l1_count += pixel_values.numel()
+    model.train(was_training)
+    metrics.sync(accelerator)
+    l1_sum, l1_count = accelerator.reduce(torch.stack([l1_sum, l1_count]), reduction="sum")
+    results = metrics.compute()
+    if "psnr" not in results:  # one channel: the Y channel is the image
+        results["psnr"] = results["psnr_rgb"]
+    results["l1"] = float(l1_sum / l1_count)
+    return results
+
+
+@torch.no_grad()
+def reconstruction_grid(model: OptVQModel, images: torch.Tensor) -> PIL.Image.Image:
+    """Originals on the top row, reconstructions below (eval mode)."""
+    was_training = model.training
+    model.eval()
+    reconstruction = model(images.to(model.device)).reconstruction.float().clamp(-1, 1).cpu()
+    model.train(was_training)
+    rows = [torch.cat(list(batch), dim=2) for batch in (images.float(), reconstruction)]  # (C, R, n*R) each
+    grid = torch.cat(rows, dim=1)
+    array = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def write_report(output_dir: Path, report: dict) -> None:
+    """report.json (everything) and report.md (the numbers people read)."""
+    with open(output_dir / "report.json", "w") as handle:
+        json.dump(report, handle, indent=2)
+    lines = [
+        "# OptVQ training report",
+        "",
+        f"- data: {report['dataset']}",
+        f"- steps: {report['global_step']} (this run: {report['steps_this_run']}, {report['train_wall_time_s']:.1f} s "
+        f"of training, {report['images_per_second']:.1f} images/s), global batch {report['global_batch_size']}",
+        f"- model: {report['num_parameters']:,} parameters, {report['num_heads']} heads x {report['num_codes']} codes",
+        f"- validation: {report['num_validation_images']} images at {report['resolution']}x{report['resolution']}",
+        "",
+        "| weights | PSNR (dB, Y) | PSNR (dB, RGB) | L1 | codebook usage | perplexity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, results in report["validation"].items():
+        lines.append(f"| {name} | {results['psnr']:.2f} | {results['psnr_rgb']:.2f} | {results['l1']:.4f} | "
+                     f"{results['usage']:.3f} | {results['perplexity']:.1f} |")  # fmt: skip
+    lines += ["", "Per head (model weights):", "", "| head | usage | perplexity |", "|---|---|---|"]
+    model_results = report["validation"]["model"]
+    for head in range(report["num_heads"]):
+        lines.append(f"| {head} | {model_results[f'usage_head{head}']:.3f} | "
+                     f"{model_results[f'perplexity_head{head}']:.1f} |")  # fmt: skip
+    lines += [
+        "",
+        "PSNR: per image, data range 1, on the Y channel of YCbCr (BT.601; the original's evaluation) and on RGB; "
+        "L1: mean absolute error in [0, 1] pixel units; reconstructions clamped to [0, 1]. Codebook usage: fraction "
+        "of the codes used at least once over the validation images (all heads, shared codebook); perplexity: "
+        "exp(entropy) of the code frequencies. Eval mode: nearest-code assignment.",
+    ]
+    (output_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    config = parse_args(argv)
+    model_config, loss_config = config.model_config(), config.loss_config()  # bad fields fail here, before anything
+    if loss_config.disc_in_channels != model_config.out_channels:
+        raise ValueError(f"loss.disc_in_channels ({loss_config.disc_in_channels}) must equal model.out_channels "
+                         f"({model_config.out_channels})")  # fmt: skip
+    if loss_config.perceptual_weight > 0 and model_config.out_channels != 3:
+        raise ValueError("LPIPS needs RGB images: set loss.perceptual_weight to 0 for models with out_channels != 3")
+    output_dir = Path(config.output_dir)
+
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    check_process_group(accelerator.num_processes)
+    set_seed(config.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    # -- data: every check runs before the first step
+    with accelerator.main_process_first():  # downloads once per node
+        splits = load_image_splits(
+            config.dataset_name, config.dataset_config_name, config.train_data_dir, config.image_column,
+            config.train_split, config.validation_split, config.num_validation_images, config.streaming,
+            config.seed, config.cache_dir,
+        )  # fmt: skip
+    check_images(splits.validation, -1)
+    processor = OptVQImageProcessor.from_model_config(model_config)
+    transform = RandomCropTransform(model_config.resolution, tuple(config.train_crop_scale), config.random_flip,
+                                    model_config.in_channels)  # fmt: skip
+    if splits.streaming:
+        stream = shard_stream(splits.train, rank, world, config.seed, config.shuffle_buffer_size)
+        train_batches = StreamingTrainBatches(stream, splits.image_column, transform, config.train_batch_size,
+                                              config.seed, rank, config.dataloader_num_workers)  # fmt: skip
+    else:
+        check_images(splits.train, config.image_check_count)
+        train_set = TrainImages(splits.train, transform, config.seed, config.dataset_repeats)
+        train_batches = TrainBatches(train_set, config.train_batch_size, world, rank, config.seed,
+                                     config.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+    validation_set = ValidationImages(splits.validation, processor)
+    validation_loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(validation_set, range(rank, len(validation_set), world)),  # this process's shard
+        batch_size=config.validation_batch_size or config.train_batch_size,
+        num_workers=min(config.dataloader_num_workers, 2),
+        generator=torch.Generator().manual_seed(0),  # leaves the global random state alone
+    )
+    grid_images = torch.stack([validation_set[i] for i in range(min(config.num_grid_images, len(validation_set)))])
+
+    global_batch = config.train_batch_size * world * config.gradient_accumulation_steps
+    if config.max_train_steps is not None:
+        max_train_steps = config.max_train_steps
+    else:
+        max_train_steps = config.num_train_epochs * train_batches.batches_per_epoch // config.gradient_accumulation_steps
+        if max_train_steps < 1:
+            raise ValueError("one epoch is shorter than one step: set max_train_steps or raise num_train_epochs")
+
+    # -- model, objective, optimizers
+    model = OptVQModel(model_config)
+    loss_fn = OptVQLoss(loss_config)
+    if config.sync_batchnorm and world > 1 and accelerator.device.type == "cuda":
+        loss_fn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(loss_fn)  # as the original under data parallelism
+    lr = config.learning_rate * (global_batch if config.scale_lr else 1)
+    optimizer = build_optimizer([model], config, lr, lr * config.codebook_lr_multiplier)
+    disc_optimizer = build_optimizer([loss_fn.discriminator], config, lr)
+    scheduler = build_scheduler(optimizer, config, max_train_steps)
+    disc_scheduler = build_scheduler(disc_optimizer, config, max_train_steps)
+    # Schedulers are not prepared: accelerate would step them once per process; here they step once per update.
+    model, loss_ddp, optimizer, disc_optimizer = accelerator.prepare(model, loss_fn, optimizer, disc_optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    loss_module = accelerator.unwrap_model(loss_ddp)
+    # -- resume, or start (optionally from a k-means codebook)
+    checkpoint = broadcast_object_list([resolve_checkpoint(config.resume_from_checkpoint, output_dir)])[0]
+    if checkpoint is None and config.kmeans_init:
+        source = train_batches if splits.streaming else TrainBatches(train_set, config.train_batch_size, world, rank,
+                                                                     config.seed + 1)  # fmt: skip
+        first = [batch for batch, _ in zip(source, range(config.kmeans_init_batches))]
+        kmeans_init_codebook(unwrapped, first, accelerator, config.kmeans_iterations, seed=config.seed)
+        if splits.streaming:
+            train_batches.load_state_dict({"epoch": 0, "position": 0})
+    ema = None
+    if config.use_ema:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unwrapped.parameters(), decay=config.ema_decay)
+    accelerator.register_for_checkpointing(scheduler, disc_scheduler, *([ema] if ema is not None else []))
+    global_step = 0
+    if checkpoint is not None:
+        accelerator.print(f"Resuming from {checkpoint}")
+        accelerator.load_state(checkpoint)
+        state, process_state = load_checkpoint_state(checkpoint, rank)
+        if process_state is None or state.get("num_processes") != world:
+            raise ValueError(f"{checkpoint} was written by {state.get('num_processes')} processes; resume it with as many")
+        global_step = int(state["global_step"])
+        train_batches.load_state_dict(process_state["data"])
+        if ema is not None:
+            ema.to(accelerator.device)
+    elif config.resume_from_checkpoint == "latest":
+        accelerator.print(f"No checkpoint in {output_dir} yet: starting a new run")
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "samples").mkdir(exist_ok=True)
+        with open(output_dir / "training_config.yaml", "w") as handle:
+            yaml.safe_dump(_plain(asdict(config)), handle, sort_keys=False)
+    if config.report_to != "none":
+        accelerator.init_trackers(config.tracker_project_name, config=_flat_hparams(asdict(config)))
+
+    accelerator.print(
+        f"Training {sum(p.numel() for p in unwrapped.parameters()):,} parameters on {splits.description}\n"
+        f"  {max_train_steps} steps of {global_batch} images ({config.train_batch_size} per process x {world} "
+        f"processes x {config.gradient_accumulation_steps} accumulation), learning rate {lr:g}, from step {global_step}"
+    )
+    counter = CodeCounter(model_config.num_heads, model_config.num_codes, accelerator.device)
+    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
+                    desc="steps", dynamic_ncols=True)  # fmt: skip
+    batches = iter(train_batches)
+    start_step, window_start, train_start = global_step, time.perf_counter(), time.perf_counter()
+    first_logs: dict[str, float] = {}
+    last_logs: dict[str, float] = {}
+
+    while global_step < max_train_steps:
+        # 1. autoencoder: accumulate the gradients of the global batch, then one update
+        micro_batches, reconstructions = [], []
+        for micro in range(config.gradient_accumulation_steps):
+            pixel_values = next(batches).to(accelerator.device, non_blocking=True)
+            last = micro == config.gradient_accumulation_steps - 1
+            with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
+                output = model(pixel_values)
+                loss, logs = loss_module.generator_loss(pixel_values, output.reconstruction, output.quantizer_loss,
+                                                        global_step, last_layer=unwrapped.get_last_layer())  # fmt: skip
+            accelerator.backward(loss / config.gradient_accumulation_steps)
+            counter.add(output.indices)
+            micro_batches.append(pixel_values)
+            reconstructions.append(output.reconstruction.detach())
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(unwrapped.parameters())
+
+        # 2. discriminator, on the same images and their reconstructions (its learning rate moves when it trains)
+        if loss_module.discriminator_trains(global_step):
+            for micro, (pixel_values, reconstruction) in enumerate(zip(micro_batches, reconstructions)):
+                last = micro == config.gradient_accumulation_steps - 1
+                with (contextlib.nullcontext() if last else accelerator.no_sync(loss_ddp)), accelerator.autocast():
+                    disc_loss, disc_logs = loss_ddp("discriminator", pixel_values, reconstruction, global_step)
+                accelerator.backward(disc_loss / config.gradient_accumulation_steps)
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(loss_ddp.parameters(), config.max_grad_norm)
+            disc_optimizer.step()
+            disc_scheduler.step()
+            disc_optimizer.zero_grad(set_to_none=True)
+            logs.update(disc_logs)
+        global_step += 1
+        progress.update(1)
+
+        # 3. logs, pictures, validation, checkpoints
+        logs["lr"] = scheduler.get_last_lr()[0]
+        if global_step % config.logging_steps == 0 or global_step == max_train_steps:
+            usage = counter.summary(accelerator)  # a collective: every process calls it
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = (global_step - start_step) % config.logging_steps or config.logging_steps
+            logs.update({f"train_{k}": v for k, v in usage.items()})
+            logs["images_per_second"] = steps_in_window * global_batch / max(elapsed, 1e-9)
+            window_start = time.perf_counter()
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", usage=f"{usage['usage']:.2f}",
+                                 img_s=f"{logs['images_per_second']:.1f}")  # fmt: skip
+        accelerator.log(logs, step=global_step)
+        first_logs, last_logs = first_logs or logs, logs
+        if global_step % config.image_logging_steps == 0 and accelerator.is_main_process:
+            reconstruction_grid(unwrapped, grid_images).save(output_dir / "samples" / f"reconstruction-{global_step}.png")
+        if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_train_steps:
+            results = validate(unwrapped, validation_loader, accelerator)
+            accelerator.log({f"validation_{k}": v for k, v in results.items()}, step=global_step)
+            accelerator.print(f"step {global_step}: validation PSNR {results['psnr']:.2f} dB, usage {results['usage']:.3f}")
+        if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
+            state = {"global_step": global_step, "num_processes": world, "config": _plain(asdict(config))}
+            save_checkpoint(accelerator, output_dir, global_step, state, {"data": train_batches.state_dict()})
+            if accelerator.is_main_process:
+                prune_checkpoints(output_dir, config.checkpoints_total_limit)
+    progress.close()
+    train_time = time.perf_counter() - train_start
+
+    # -- the end: validate, save the tokenizer (and its EMA), write the report
+    validation = {"model": validate(unwrapped, validation_loader, accelerator)}
+    ema_model = None
+    if ema is not None:
+        ema_model = OptVQModel(model_config).to(accelerator.device)
+        ema.copy_to(ema_model.parameters())
+        validation["ema"] = validate(ema_model, validation_loader, accelerator)
+    accelerator.log({f"validation_{k}": v for k, v in validation["model"].items()}, step=global_step)
+    report = {
+        "global_step": global_step,
+        "steps_this_run": global_step - start_step,
+        "train_wall_time_s": train_time,
+        "images_per_second": (global_step - start_step) * global_batch / max(train_time, 1e-9),
+        "global_batch_size": global_batch,
+        "num_processes": world,
+        "dataset": splits.description,
+        "num_validation_images": len(validation_set),
+        "resolution": model_config.resolution,
+        "num_parameters": sum(p.numel() for p in unwrapped.parameters()),
+        "num_heads": model_config.num_heads,
+        "num_codes": model_config.num_codes,
+        "validation": validation,
+        "first_train_logs": first_logs,
+        "last_train_logs": last_logs,
+    }
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        if ema_model is not None:
+            ema_model.save_pretrained(output_dir / "ema")
+            processor.save_pretrained(output_dir / "ema")
+        reconstruction_grid(unwrapped, grid_images).save(output_dir / "reconstruction.png")
+        write_report(output_dir, report)
+        accelerator.print((output_dir / "report.md").read_text())
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return report
+
+
+def _plain(value):
+    """Tuples -> lists, recursively (YAML and JSON friendly)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _flat_hparams(config: dict, prefix: str = "") -> dict:
+    """Trackers take flat scalars: nested sections become dotted keys, lists and None become strings."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat_hparams(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[f"{prefix}{key}"] = value
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,559 @@
+#!/usr/bin/env python
+"""
+An autoregressive image generator on OptVQ tokens: tokenize a dataset once with a trained OptVQ tokenizer, train a
+small decoder-only transformer (`LlamaForCausalLM` built from a config) on the token sequences, sample it with
+`generate` (temperature, top-k), decode the samples with the tokenizer and save a PNG grid.
+
+Launch (from the repository root):
+
+    # CPU or one GPU, the offline default: scikit-learn's 8x8 handwritten digits (upsampled), class-conditional
+    python examples/train_ar.py --tokenizer path/to/optvq-tokenizer --output_dir outputs/ar-digits
+
+    # the same with the settings of a YAML file (keys are the flags below; flags given on the command line win)
+    python examples/train_ar.py --config examples/configs/ar_tiny.yaml --tokenizer path/to/optvq-tokenizer
+
+    # a Hub dataset (with a label column for class-conditional tokens) on 8 GPUs of one node
+    accelerate launch --num_processes 8 examples/train_ar.py --tokenizer <org>/optvq-imagenet \
+        --dataset_name <hub dataset> --label_column label --hidden_size 768 --num_layers 12 --num_attention_heads 12 \
+        --batch_size 32 --max_train_steps 100000 --mixed_precision bf16
+
+    # several nodes: the same command on every node, with accelerate's --num_machines, --machine_rank,
+    # --main_process_ip and --main_process_port
+
+The sequence of an image is `[class] [BOI] t_1 ... t_L` (or `[BOI] t_1 ... t_L` without classes). Token ids
+`[0, V)` are image tokens (V = the tokenizer's vocabulary for `--vocabulary`), `V` is the begin-of-image token and
+`V + 1 + c` the token of class c. The image tokens follow `optvq_hf.tokens`: `--order position-major` (default: the
+`num_heads` tokens of a latent position adjacent, positions in raster order) or `head-major`; `--vocabulary shared`
+(default: ids in [0, num_codes)) or `per-head` (head j uses [j * num_codes, (j + 1) * num_codes)). While sampling, a
+logits processor allows at each step only the ids valid at that place of the sequence, so every sample decodes.
+
+The tokenizer runs once: the token sequences are stored with `datasets.save_to_disk` under `--token_cache_dir`
+(default `<output_dir>/tokens`) and reused by later runs with the same tokenizer weights, data and layout.
+
+`--output_dir` receives `samples.png` (one row per class, or a square grid without classes), `samples.safetensors`
+(the sampled token ids and their classes), `reference.png` (real images of the same classes after the tokenizer's
+round trip, the quality ceiling of the generator), `generator/` (the transformer, `save_pretrained`, with
+`token_layout.json`) and `summary.json` (losses and timings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, get_scheduler
+
+from optvq_hf import OptVQImageProcessor, OptVQModel, TokenLayout
+from optvq_hf.tokens import ORDERS, VOCABULARIES
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", default=None, help="a YAML file of flag values (command-line flags win)")
+    parser.add_argument("--tokenizer", required=True, help="a trained OptVQ model: a save_pretrained folder or Hub id")
+    parser.add_argument("--output_dir", default="outputs/ar", help="where the grid, the generator and logs go")
+
+    data = parser.add_argument_group("data (default: scikit-learn's digits; else --dataset_name or --data_dir)")
+    data.add_argument("--dataset_name", default=None, help="a `datasets` dataset on the Hub")
+    data.add_argument("--dataset_config_name", default=None, help="the configuration of --dataset_name, if any")
+    data.add_argument("--data_dir", default=None, help="a local folder of images (a `datasets` imagefolder)")
+    data.add_argument("--split", default="train", help="the split to train on")
+    data.add_argument("--image_column", default="image", help="the column holding the images")
+    data.add_argument("--label_column", default=None, help="the class column (default 'label' for the digits)")
+    data.add_argument("--max_train_samples", type=int, default=None, help="use the first N images only")
+    data.add_argument("--image_size", type=int, default=None,
+                      help="side of the square images fed to the tokenizer (default: the tokenizer's resolution)")
+    data.add_argument("--token_cache_dir", default=None, help="where the token dataset is stored (<output_dir>/tokens)")
+    data.add_argument("--tokenize_batch_size", type=int, default=64, help="images per tokenizer batch")
+    data.add_argument("--validation_fraction", type=float, default=0.1, help="held-out share for the validation loss")
+
+    tokens = parser.add_argument_group("token layout")
+    tokens.add_argument("--order", default="position-major", choices=ORDERS)
+    tokens.add_argument("--vocabulary", default="shared", choices=VOCABULARIES)
+    tokens.add_argument("--class_conditional", action=argparse.BooleanOptionalAction, default=True,
+                        help="prefix each sequence with its class token (needs a label column; default on)")
+
+    model = parser.add_argument_group("transformer (LlamaForCausalLM)")
+    model.add_argument("--hidden_size", type=int, default=128)
+    model.add_argument("--num_layers", type=int, default=4)
+    model.add_argument("--num_attention_heads", type=int, default=4)
+    model.add_argument("--intermediate_size", type=int, default=None, help="default 4 * hidden_size")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--batch_size", type=int, default=32, help="sequences per batch and per process")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
+    training.add_argument("--learning_rate", type=float, default=2e-3)
+    training.add_argument("--weight_decay", type=float, default=0.05)
+    training.add_argument("--warmup_steps", type=int, default=50)
+    training.add_argument("--max_grad_norm", type=float, default=1.0)
+    training.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--log_every", type=int, default=100, help="steps between log lines")
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--samples_per_class", type=int, default=10, help="grid columns with classes")
+    sampling.add_argument("--num_samples", type=int, default=64, help="samples without classes")
+    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest ids (0: all)")
+    sampling.add_argument("--grid_scale", type=int, default=2, help="integer upscaling of the saved grids")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)  # only to find --config; flags on the command line override the file
+    if first.config is not None:
+        values = yaml.safe_load(Path(first.config).read_text()) or {}
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{first.config}: unknown key(s) {unknown}; the keys are the flags' names")
+        parser.set_defaults(**values)
+        for action in parser._actions:  # a required flag given by the file is no longer required on the command line
+            if action.dest in values:
+                action.required = False
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise a `ValueError` naming the flag for every invalid value."""
+    if args.dataset_name is not None and args.data_dir is not None:
+        raise ValueError("pass at most one of --dataset_name and --data_dir (neither: the digits)")
+    positive = ("batch_size", "gradient_accumulation_steps", "max_train_steps", "hidden_size", "num_layers",
+                "num_attention_heads", "tokenize_batch_size", "samples_per_class", "num_samples", "grid_scale",
+                "log_every")  # fmt: skip
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_train_samples", "image_size", "intermediate_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.hidden_size % args.num_attention_heads:
+        raise ValueError(f"--hidden_size ({args.hidden_size}) must be divisible by --num_attention_heads")
+    if not 0.0 <= args.validation_fraction < 1.0:
+        raise ValueError(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be positive, got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top_k must be >= 0, got {args.top_k}")
+    if args.learning_rate <= 0 or args.warmup_steps < 0 or args.weight_decay < 0:
+        raise ValueError("--learning_rate must be positive, --warmup_steps and --weight_decay non-negative")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data and pre-tokenization
+# ---------------------------------------------------------------------------------------------------------------------
+def load_digits_dataset() -> datasets.Dataset:
+    """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels) as a `datasets.Dataset` with 10 classes."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:  # the offline default needs it; pip install -e ".[demo]" brings it
+        raise ValueError("the default digits data needs scikit-learn: pip install scikit-learn") from error
+    digits = load_digits()
+    images = [PIL.Image.fromarray(np.round(image * (255 / 16)).astype(np.uint8), mode="L") for image in digits.images]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+
+
+def load_images(args: argparse.Namespace) -> datasets.Dataset:
+    if args.dataset_name is not None:
+        dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
+    elif args.data_dir is not None:
+        dataset = datasets.load_dataset("imagefolder", data_dir=args.data_dir, split=args.split)
+    else:
+        dataset = load_digits_dataset()
+    if args.image_column not in dataset.column_names:
+        raise ValueError(f"--image_column {args.image_column!r} is not a column of the data: {dataset.column_names}")
+    if args.label_column is not None and args.label_column not in dataset.column_names:
+        raise ValueError(f"--label_column {args.label_column!r} is not a column of the data: {dataset.column_names}")
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    return dataset
+
+
+def class_names(dataset: datasets.Dataset, label_column: str | None) -> list[str] | None:
+    """Names of the classes of the label column (ClassLabel names, else the sorted distinct integer labels)."""
+    if label_column is None:
+        return None
+    feature = dataset.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    labels = sorted(set(dataset[label_column]))
+    if labels != list(range(len(labels))):
+        raise ValueError(f"--label_column {label_column!r} must hold the integers 0..C-1, got {labels[:10]}...")
+    return [str(label) for label in labels]
+
+
+def tokenizer_fingerprint(tokenizer: OptVQModel) -> str:
+    """A hash of the tokenizer's weights and config: cached tokens are reused only for the same tokenizer."""
+    digest = hashlib.blake2b(tokenizer.config.to_json_string().encode(), digest_size=16)
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pretokenize(
+    args: argparse.Namespace, tokenizer: OptVQModel, image_size: int, cache_dir: Path, device: torch.device
+) -> tuple[datasets.Dataset, dict]:
+    """
+    The token dataset (`input_ids`, and `label` with classes), tokenized once and stored under `cache_dir`; a later
+    run with the same tokenizer, data and layout loads it from disk instead.
+    """
+    images = load_images(args)
+    names = class_names(images, args.label_column) if args.class_conditional else None
+    meta = {
+        "tokenizer": str(args.tokenizer),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "data": args.dataset_name or args.data_dir or "sklearn-digits",
+        "dataset_config_name": args.dataset_config_name,
+        "split": args.split,
+        "num_images": len(images),
+        "image_size": image_size,
+        "order": args.order,
+        "vocabulary": args.vocabulary,
+        "label_column": args.label_column if names else None,
+        "class_names": names,
+    }
+    meta_file = cache_dir / "token_meta.json"
+    if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+        return datasets.load_from_disk(str(cache_dir / "dataset")), meta
+
+    processor = OptVQImageProcessor(resolution=image_size, num_channels=tokenizer.config.in_channels)
+
+    def tokenize_batch(batch: dict) -> dict:
+        pixel_values = processor(batch[args.image_column])["pixel_values"].to(device)
+        ids = tokenizer.tokenize(pixel_values, order=args.order, vocabulary=args.vocabulary)
+        out = {"input_ids": list(ids.cpu().numpy().astype(np.int32))}
+        if names:
+            out["label"] = batch[args.label_column]
+        return out
+
+    keep = [args.image_column] + ([args.label_column] if names else [])
+    images = images.select_columns(keep)
+    tokens = images.map(
+        tokenize_batch,
+        batched=True,
+        batch_size=args.tokenize_batch_size,
+        remove_columns=keep,
+        new_fingerprint=hashlib.sha1(json.dumps(meta, sort_keys=True).encode()).hexdigest(),  # not a hash of the model
+        desc="tokenizing",
+    )
+    tokens.save_to_disk(str(cache_dir / "dataset"))
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")  # written last: a partial cache is never reused
+    return datasets.load_from_disk(str(cache_dir / "dataset")), meta
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sequences and sampling
+# ---------------------------------------------------------------------------------------------------------------------
+class SequenceFormat:
+    """Where image tokens, the begin-of-image token and the class tokens sit in the transformer's vocabulary."""
+
+    def __init__(self, layout: TokenLayout, num_classes: int):
+        self.layout = layout
+        self.num_classes = num_classes
+        self.boi_id = layout.vocab_size
+        self.class_offset = layout.vocab_size + 1
+        self.vocab_size = layout.vocab_size + 1 + num_classes
+        self.prefix_length = 2 if num_classes else 1
+
+    def prompts(self, labels: torch.Tensor | None, batch_size: int) -> torch.LongTensor:
+        """(B, prefix_length): `[class, BOI]` per label, or `[BOI]`."""
+        boi = torch.full((batch_size, 1), self.boi_id, dtype=torch.long)
+        if not self.num_classes:
+            return boi
+        return torch.cat([labels.long().view(-1, 1) + self.class_offset, boi], dim=1)
+
+    def sequences(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token sequences with their prompt, and the training labels (the prompt is not a target)."""
+        sequence = torch.cat([self.prompts(labels, input_ids.shape[0]).to(input_ids.device), input_ids.long()], dim=1)
+        targets = sequence.clone()
+        targets[:, : self.prefix_length] = -100
+        return sequence, targets
+
+    def to_json(self) -> dict:
+        return {
+            "num_codes": self.layout.num_codes, "num_heads": self.layout.num_heads,
+            "latent_shape": list(self.layout.latent_shape), "order": self.layout.order,
+            "vocabulary": self.layout.vocabulary, "image_vocab_size": self.layout.vocab_size, "boi_id": self.boi_id,
+            "class_offset": self.class_offset, "num_classes": self.num_classes, "prefix_length": self.prefix_length,
+        }  # fmt: skip
+
+
+class ImageTokenRange(LogitsProcessor):
+    """Allows, at each generated place, only the image-token ids valid there (`TokenLayout.id_bounds`)."""
+
+    def __init__(self, layout: TokenLayout, prompt_length: int):
+        self.low, self.high = layout.id_bounds()
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        place = input_ids.shape[1] - self.prompt_length
+        low, high = int(self.low[place]), int(self.high[place])
+        scores = scores.clone()
+        scores[:, :low] = -float("inf")
+        scores[:, high:] = -float("inf")
+        return scores
+
+
+@torch.no_grad()
+def sample_tokens(
+    model: LlamaForCausalLM, fmt: SequenceFormat, labels: torch.Tensor | None, num: int, args: argparse.Namespace
+) -> torch.LongTensor:
+    """(num, L) image-token ids sampled with `generate`, for the given class labels (or unconditionally)."""
+    device = next(model.parameters()).device
+    prompts = fmt.prompts(labels, num).to(device)
+    length = fmt.layout.sequence_length
+    output = model.generate(
+        input_ids=prompts,
+        attention_mask=torch.ones_like(prompts),
+        do_sample=True,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=1.0,
+        max_new_tokens=length,
+        min_new_tokens=length,
+        logits_processor=LogitsProcessorList([ImageTokenRange(fmt.layout, prompts.shape[1])]),
+        pad_token_id=fmt.boi_id,  # never emitted (all sequences have the same length); silences a warning
+        eos_token_id=None,
+    )
+    return output[:, prompts.shape[1] :].cpu()
+
+
+def image_grid(images: np.ndarray, columns: int, scale: int = 1, pad: int = 1) -> PIL.Image.Image:
+    """uint8 images (N, H, W, C) -> one grid image, `columns` per row, separated by `pad` grey pixels."""
+    count, height, width, channels = images.shape
+    rows = math.ceil(count / columns)
+    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, channels), 128, dtype=np.uint8)
+    for index, image in enumerate(images):
+        top, left = pad + (index // columns) * (height + pad), pad + (index % columns) * (width + pad)
+        grid[top : top + height, left : left + width] = image
+    picture = PIL.Image.fromarray(grid[..., 0] if channels == 1 else grid)
+    return picture.resize((picture.width * scale, picture.height * scale), PIL.Image.Resampling.NEAREST)
+
+
+def decode_to_uint8(tokenizer: OptVQModel, token_ids: torch.Tensor, layout: TokenLayout, batch: int = 64) -> np.ndarray:
+    """Token ids (N, L) -> uint8 images (N, H, W, C) through the tokenizer's decoder."""
+    postprocess = OptVQImageProcessor().postprocess  # [-1, 1] -> uint8, clipped
+    device = next(tokenizer.parameters()).device
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, token_ids.shape[0], batch):
+            ids = token_ids[start : start + batch].to(device)
+            images = tokenizer.detokenize(ids, order=layout.order, vocabulary=layout.vocabulary,
+                                          latent_shape=layout.latent_shape)  # fmt: skip
+            chunks.append(postprocess(images, output_type="np"))
+    return np.concatenate(chunks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------------
+def evaluate_loss(model, loader, fmt: SequenceFormat, accelerator: Accelerator) -> float:
+    """Mean next-token loss (nats per image token) over a loader, over all processes."""
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    with torch.no_grad():
+        for batch in loader:
+            sequence, targets = fmt.sequences(batch["input_ids"], batch.get("label"))
+            loss = model(input_ids=sequence, labels=targets).loss
+            total += loss.detach().float() * sequence.shape[0]
+            count += sequence.shape[0]
+    model.train()
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return float(total / count) if count > 0 else float("nan")
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    accelerator = Accelerator(mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.gradient_accumulation_steps)  # fmt: skip
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    cache_dir = Path(args.token_cache_dir) if args.token_cache_dir else output_dir / "tokens"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    if args.label_column is None and args.dataset_name is None and args.data_dir is None:
+        args.label_column = "label"  # the digits' classes
+    if args.class_conditional and args.label_column is None:
+        accelerator.print("no --label_column: training without class tokens")
+        args.class_conditional = False
+
+    # 1. Tokenize once (the main process writes the cache, the others read it).
+    tokenizer = OptVQModel.from_pretrained(args.tokenizer).eval().to(accelerator.device)
+    tokenizer.requires_grad_(False)
+    image_size = args.image_size or tokenizer.config.resolution
+    if image_size % tokenizer.config.downsample_factor:
+        raise ValueError(f"--image_size {image_size} must be a multiple of the tokenizer's downsampling factor "
+                         f"{tokenizer.config.downsample_factor}")  # fmt: skip
+    side = image_size // tokenizer.config.downsample_factor
+    layout = tokenizer.token_layout(args.order, args.vocabulary, (side, side))
+    tokenize_start = time.perf_counter()
+    with accelerator.main_process_first():
+        tokens, meta = pretokenize(args, tokenizer, image_size, cache_dir, accelerator.device)
+    tokenize_seconds = time.perf_counter() - tokenize_start
+    names = meta["class_names"]
+    fmt = SequenceFormat(layout, len(names) if names else 0)
+    accelerator.print(
+        f"{len(tokens)} images -> {layout.sequence_length} tokens each ({layout.num_heads} heads x {side}x{side}, "
+        f"{args.order}, {args.vocabulary} vocabulary of {layout.vocab_size}); transformer vocabulary {fmt.vocab_size}"
+    )
+
+    columns = ["input_ids"] + (["label"] if names else [])
+    tokens = tokens.with_format("torch", columns=columns)
+    if args.validation_fraction > 0 and len(tokens) >= 20:
+        split = tokens.train_test_split(test_size=args.validation_fraction, seed=args.seed)
+        train_tokens, val_tokens = split["train"], split["test"]
+    else:
+        train_tokens, val_tokens = tokens, None
+    train_loader = DataLoader(train_tokens, batch_size=args.batch_size, shuffle=True, drop_last=len(train_tokens) > args.batch_size)
+    val_loader = DataLoader(val_tokens, batch_size=args.batch_size) if val_tokens is not None else None
+
+    # 2. The transformer.
+    config = LlamaConfig(
+        vocab_size=fmt.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size or 4 * args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_attention_heads,
+        max_position_embeddings=fmt.prefix_length + layout.sequence_length,
+        bos_token_id=fmt.boi_id,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    accelerator.print(f"LlamaForCausalLM: {num_parameters:,} parameters, {args.num_layers} layers, width {args.hidden_size}")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no weight decay on norms and biases
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(0.9, 0.95),
+    )
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps,
+                              num_training_steps=args.max_train_steps)  # fmt: skip
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+
+    # 3. Train.
+    train_start = time.perf_counter()
+    losses: list[float] = []
+    step = 0
+    model.train()
+    while step < args.max_train_steps:
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                sequence, targets = fmt.sequences(batch["input_ids"], batch.get("label"))
+                loss = model(input_ids=sequence, labels=targets).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            losses.append(float(accelerator.reduce(loss.detach().float(), "mean")))
+            if step % args.log_every == 0 or step == args.max_train_steps:
+                recent = losses[-args.log_every :]
+                accelerator.print(f"step {step}/{args.max_train_steps}  loss {sum(recent) / len(recent):.4f}  "
+                                  f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - train_start:.0f}s")  # fmt: skip
+            if step >= args.max_train_steps:
+                break
+    train_seconds = time.perf_counter() - train_start
+    val_loss = evaluate_loss(model, val_loader, fmt, accelerator) if val_loader is not None else None
+
+    # 4. Sample, decode, save (main process).
+    summary = {
+        "images": len(tokens),
+        "tokens_per_image": layout.sequence_length,
+        "image_vocab_size": layout.vocab_size,
+        "transformer_parameters": num_parameters,
+        "steps": step,
+        "first_loss": losses[0] if losses else None,
+        "final_train_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
+        "validation_loss": val_loss,
+        "uniform_loss": math.log(layout.num_codes),
+        "tokenize_seconds": round(tokenize_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+    }
+    if accelerator.is_main_process:
+        generator = accelerator.unwrap_model(model).eval()
+        sample_start = time.perf_counter()
+        torch.manual_seed(args.seed)
+        if names:
+            labels = torch.arange(len(names)).repeat_interleave(args.samples_per_class)
+            columns_in_grid = args.samples_per_class
+        else:
+            labels = None
+            columns_in_grid = math.ceil(math.sqrt(args.num_samples))
+        num = labels.numel() if labels is not None else args.num_samples
+        sampled = sample_tokens(generator, fmt, labels, num, args)
+        images = decode_to_uint8(tokenizer, sampled, layout)
+        image_grid(images, columns_in_grid, args.grid_scale).save(output_dir / "samples.png")
+        record = {"token_ids": sampled.contiguous()}
+        if labels is not None:
+            record["labels"] = labels
+        save_file(record, output_dir / "samples.safetensors")
+        summary["sample_seconds"] = round(time.perf_counter() - sample_start, 2)
+
+        # The tokenizer's round trip of real images of the same classes: what a perfect generator could reach.
+        reference_ids, reference_columns = reference_tokens(tokens, names, args, columns_in_grid)
+        image_grid(decode_to_uint8(tokenizer, reference_ids, layout), reference_columns, args.grid_scale).save(
+            output_dir / "reference.png"
+        )
+        generator.save_pretrained(output_dir / "generator")
+        (output_dir / "generator" / "token_layout.json").write_text(
+            json.dumps({**fmt.to_json(), "tokenizer": str(args.tokenizer), "image_size": image_size,
+                        "class_names": names}, indent=2) + "\n"  # fmt: skip
+        )
+        summary["total_seconds"] = round(time.perf_counter() - start, 2)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        accelerator.print(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def reference_tokens(tokens: datasets.Dataset, names, args, columns: int) -> tuple[torch.Tensor, int]:
+    """Stored token ids of real images laid out like the sample grid (the first images of each class)."""
+    if not names:
+        count = min(args.num_samples, len(tokens))
+        return tokens[:count]["input_ids"], columns
+    labels = np.asarray(list(tokens.with_format(None)["label"]))
+    picked = []
+    for label in range(len(names)):
+        picked += np.flatnonzero(labels == label)[: args.samples_per_class].tolist()
+    return tokens[picked]["input_ids"], args.samples_per_class
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""examples/train_ar.py end to end on a tiny random tokenizer and a tiny LlamaForCausalLM: the stored tokens are the
+tokenizer's, the tokenizer runs once, the sampled ids respect the layout and decode to exactly the saved grid."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from conftest import tiny_config_kwargs
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel, TokenLayout
+
+pytest.importorskip("sklearn", reason="the example's default data are scikit-learn's digits")
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ar.py"
+NUM_CODES, NUM_HEADS, IMAGE_SIZE = 64, 2, 8  # factor-2 tokenizer on 8x8 digits: 4x4 positions x 2 heads = 32 tokens
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("optvq_train_ar_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_ar = load_example()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)  # the Accelerator is a process-wide singleton: leave none behind
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = OptVQModel(OptVQConfig(**tiny_config_kwargs(num_heads=NUM_HEADS, num_codes=NUM_CODES)))
+    folder = tmp_path_factory.mktemp("tokenizer")
+    model.save_pretrained(folder)
+    return folder
+
+
+def run_args(tokenizer_dir, output_dir, *extra):
+    return [
+        "--tokenizer", str(tokenizer_dir), "--output_dir", str(output_dir), "--image_size", str(IMAGE_SIZE),
+        "--max_train_samples", "60", "--max_train_steps", "3", "--batch_size", "8", "--hidden_size", "32",
+        "--num_layers", "1", "--num_attention_heads", "2", "--samples_per_class", "2", "--log_every", "1",
+        "--vocabulary", "per-head", "--order", "head-major", "--top_k", "20", "--temperature", "0.9", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def finished_run(tokenizer_dir, tmp_path_factory):
+    AcceleratorState._reset_state(True)
+    output_dir = tmp_path_factory.mktemp("ar")
+    summary = train_ar.main(run_args(tokenizer_dir, output_dir))
+    AcceleratorState._reset_state(True)
+    return output_dir, summary
+
+
+def test_summary_values(finished_run):
+    _, summary = finished_run
+    assert summary["steps"] == 3 and summary["images"] == 60
+    assert summary["tokens_per_image"] == NUM_HEADS * 4 * 4 and summary["image_vocab_size"] == NUM_HEADS * NUM_CODES
+    # A freshly initialised transformer predicts nearly uniformly over its 128 + BOI + 10 class ids.
+    assert summary["first_loss"] == pytest.approx(math.log(NUM_HEADS * NUM_CODES + 1 + 10), abs=0.3)
+    assert summary["validation_loss"] is not None and math.isfinite(summary["validation_loss"])
+
+
+def test_stored_tokens_are_the_tokenizers(finished_run, tokenizer_dir):
+    output_dir, _ = finished_run
+    stored = datasets.load_from_disk(str(output_dir / "tokens" / "dataset"))
+    assert len(stored) == 60 and sorted(stored.column_names) == ["input_ids", "label"]
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [PIL.Image.fromarray(np.round(d * (255 / 16)).astype(np.uint8), mode="L") for d in digits.images[:5]]
+    tokenizer = OptVQModel.from_pretrained(tokenizer_dir).eval()
+    pixel_values = OptVQImageProcessor(resolution=IMAGE_SIZE)(images)["pixel_values"]
+    expected = tokenizer.tokenize(pixel_values, order="head-major", vocabulary="per-head")
+    assert torch.equal(torch.tensor(stored[:5]["input_ids"]), expected)
+    assert stored[:5]["label"] == digits.target[:5].tolist()
+    meta = json.loads((output_dir / "tokens" / "token_meta.json").read_text())
+    assert (meta["order"], meta["vocabulary"], meta["image_size"]) == ("head-major", "per-head", IMAGE_SIZE)
+
+
+def test_samples_respect_the_layout_and_decode_to_the_grid(finished_run, tokenizer_dir):
+    output_dir, _ = finished_run
+    record = load_file(output_dir / "samples.safetensors")
+    ids, labels = record["token_ids"], record["labels"]
+    assert ids.shape == (20, 32) and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    layout = TokenLayout(NUM_CODES, NUM_HEADS, (4, 4), order="head-major", vocabulary="per-head")
+    assert torch.equal(ids // NUM_CODES, layout.head_of_slot().expand_as(ids))  # each id in its head's range
+    assert ids.unique().numel() > 10  # sampled, not one repeated id
+
+    tokenizer = OptVQModel.from_pretrained(tokenizer_dir).eval()
+    with torch.no_grad():
+        images = tokenizer.detokenize(ids, order="head-major", vocabulary="per-head", latent_shape=(4, 4))
+    uint8 = OptVQImageProcessor().postprocess(images, output_type="np")
+    expected = train_ar.image_grid(uint8, columns=2, scale=2)
+    saved = PIL.Image.open(output_dir / "samples.png")
+    assert saved.size == ((2 * 9 + 1) * 2, (10 * 9 + 1) * 2)  # 10 rows of 2 samples of 8x8, 1-pixel gaps, x2
+    assert np.array_equal(np.asarray(saved), np.asarray(expected))
+    assert (output_dir / "reference.png").is_file()
+
+
+def test_generator_is_saved_with_its_layout(finished_run):
+    output_dir, _ = finished_run
+    generator = LlamaForCausalLM.from_pretrained(output_dir / "generator")
+    layout = json.loads((output_dir / "generator" / "token_layout.json").read_text())
+    assert generator.config.vocab_size == 128 + 1 + 10 and generator.config.num_hidden_layers == 1
+    assert (layout["boi_id"], layout["class_offset"], layout["prefix_length"]) == (128, 129, 2)
+    assert layout["class_names"] == [str(d) for d in range(10)] and layout["latent_shape"] == [4, 4]
+
+
+def test_a_second_run_reuses_the_tokens(finished_run, tokenizer_dir, tmp_path, monkeypatch):
+    output_dir, _ = finished_run
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cached tokens should have been reused")
+
+    monkeypatch.setattr(OptVQModel, "tokenize", no_tokenizing)
+    token_cache = ["--token_cache_dir", str(output_dir / "tokens")]
+    args = run_args(tokenizer_dir, tmp_path, *token_cache, "--max_train_steps", "1", "--samples_per_class", "1")
+    summary = train_ar.main(args)
+    assert summary["steps"] == 1 and summary["images"] == 60
+    assert load_file(tmp_path / "samples.safetensors")["token_ids"].shape == (10, 32)
+    # Another layout is another cache key: that run must tokenize (and here fails loudly).
+    with pytest.raises(AssertionError, match="cached tokens should have been reused"):
+        AcceleratorState._reset_state(True)
+        train_ar.main(run_args(tokenizer_dir, tmp_path, *token_cache, "--order", "position-major"))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--temperature", "0"], "--temperature must be positive"),
+        (["--hidden_size", "30", "--num_attention_heads", "4"], "divisible by --num_attention_heads"),
+        (["--validation_fraction", "1.0"], r"--validation_fraction must be in \[0, 1\)"),
+        (["--dataset_name", "x", "--data_dir", "y"], "at most one of --dataset_name and --data_dir"),
+        (["--top_k", "-1"], "--top_k must be >= 0"),
+    ],
+)
+def test_bad_flags_raise(extra, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train_ar.parse_args(["--tokenizer", "t", "--output_dir", str(tmp_path), *extra])

@@ -1,0 +1,361 @@
+"""examples/train.py end to end on tiny configs: the full objective with the discriminator on, a loss that falls on a
+fixed batch, exact resume (also past a checkpoint whose writing was interrupted), two CPU processes that train what
+one process trains on the same global batch, the multi-process guard, k-means initialisation with several heads, and
+clear errors before training for bad configs and bad data."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from conftest import tiny_config_kwargs
+from safetensors.torch import load_file
+
+from optvq_hf import OptVQConfig, OptVQModel
+from optvq_hf.losses import OptVQLoss, OptVQLossConfig
+from optvq_hf.training import (
+    STATE_FILENAME,
+    check_process_group,
+    find_latest_checkpoint,
+    kmeans_init_codebook,
+    latent_rows,
+    prune_checkpoints,
+    resolve_checkpoint,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train.py"
+TINY_DEFAULT = EXAMPLE.parent / "configs" / "tiny.yaml"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("optvq_train_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass resolves its annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+train = load_example()
+
+# The small plain CNN of the original MNIST setup, shrunk: 16x16 images, 4x4 positions x 4 heads, 16 codes of dim 2.
+SMALL_MODEL = dict(backbone="simple_cnn", resolution=16, base_channels=8, latent_channels=8, embed_dim=8, num_heads=4,
+                   num_codes=16)  # fmt: skip
+SMALL_DISCRIMINATOR = dict(disc_base_channels=8, disc_num_layers=2, perceptual_weight=0.0)
+BASE = dict(
+    dataset_name="builtin:digits", num_validation_images=8, train_batch_size=4, learning_rate=1e-3,
+    checkpointing_steps=100, logging_steps=2, image_logging_steps=2, report_to="none", num_grid_images=2,
+    validation_batch_size=8,
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached LPIPS weights: offline, as CI
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)  # the Accelerator is a process-wide singleton: leave none behind
+
+
+def write_config(path: Path, model=None, loss=None, **fields) -> Path:
+    content = {**BASE, "model": {**SMALL_MODEL, **(model or {})}, "loss": {**SMALL_DISCRIMINATOR, **(loss or {})}}
+    content.update(fields)
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def run(config: Path, output_dir: Path, *extra: str) -> dict:
+    AcceleratorState._reset_state(True)
+    return train.main(["--config", str(config), "--output_dir", str(output_dir), *extra])
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "model.safetensors")
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def save_png_folder(folder: Path, count: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        coarse = rng.integers(0, 256, size=(3, 3, 3), dtype=np.uint8)
+        PIL.Image.fromarray(coarse).resize((16, 16), PIL.Image.Resampling.BILINEAR).save(folder / f"{i}.png")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------ the objective
+def test_full_objective_with_discriminator_and_outputs(tmp_path):
+    """Diffusion backbone, LPIPS (random VGG16 weights), discriminator and adaptive weight on from step 0, EMA,
+    tensorboard: every part of the objective moves the weights, and every output is written."""
+    model = tiny_config_kwargs(resolution=16, num_codes=32)
+    loss = dict(perceptual_weight=0.5, perceptual_pretrained=False, perceptual_backbone="vgg", disc_start=0)
+    config = write_config(tmp_path / "c.yaml", model=model, loss=loss, max_train_steps=2, checkpointing_steps=2,
+                          use_ema=True, report_to="tensorboard", train_crop_scale=[0.5, 1.0])  # fmt: skip
+    report = run(config, tmp_path / "out")
+
+    logs = report["last_train_logs"]
+    assert logs["disc_factor"] == 1.0 and logs["g_weight"] > 0 and np.isfinite(logs["g_loss"])
+    assert logs["perceptual_loss"] > 0 and logs["l1_loss"] > 0 and logs["quantizer_loss"] > 0
+    assert np.isfinite(logs["d_loss"]) and "logits_real" in logs
+    assert report["global_step"] == 2 and set(report["validation"]) == {"model", "ema"}
+    results = report["validation"]["model"]
+    assert 0 < results["l1"] < 1 and 0 < results["usage"] <= 1 and 1 <= results["perplexity"] <= 32
+    assert results["usage"] >= max(results[f"usage_head{h}"] for h in range(4))
+
+    # The discriminator trained: its weights left their (seeded) initialisation.
+    set_seed(42)
+    OptVQModel(OptVQConfig(**model))
+    initial = OptVQLoss(OptVQLossConfig(**{**SMALL_DISCRIMINATOR, **loss})).discriminator.state_dict()
+    trained = load_file(tmp_path / "out" / "checkpoint-2" / "model_1.safetensors")
+    assert not torch.equal(trained["discriminator.main.0.weight"], initial["main.0.weight"])
+
+    out = tmp_path / "out"
+    loaded = OptVQModel.from_pretrained(out)
+    assert loaded.config.num_codes == 32 and (out / "preprocessor_config.json").is_file()
+    assert_same(final_weights(out), {k: v for k, v in load_file(out / "checkpoint-2" / "model.safetensors").items()})
+    ema = OptVQModel.from_pretrained(out / "ema")
+    assert not torch.equal(ema.decoder.conv_out.weight, loaded.decoder.conv_out.weight)
+    assert PIL.Image.open(out / "reconstruction.png").size == (2 * 16, 2 * 16)  # 2 images, originals over recons
+    assert (out / "samples" / "reconstruction-2.png").is_file() and list((out / "logs").rglob("events.out.*"))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["validation"]["model"]["psnr"] == pytest.approx(results["psnr"])
+    assert "| model |" in (out / "report.md").read_text()
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+    data = tmp_path / "data"
+    save_png_folder(data / "train", 1)
+    save_png_folder(data / "validation", 1, seed=1)
+    config = write_config(tmp_path / "c.yaml", dataset_name=None, train_data_dir=str(data), dataset_repeats=4,
+                          random_flip=False, max_train_steps=40, learning_rate=3e-3, loss={"disc_loss_weight": 0.0,
+                          "disc_weight": 0.0})  # fmt: skip
+    report = run(config, tmp_path / "out")
+    first, last = report["first_train_logs"], report["last_train_logs"]
+    assert last["rec_loss"] < 0.5 * first["rec_loss"], (first, last)
+    assert last["loss"] < first["loss"]
+
+
+# ------------------------------------------------------------------------------------------------------------- resume
+def test_resume_equals_the_uninterrupted_run_and_skips_an_interrupted_checkpoint(tmp_path, monkeypatch):
+    """6 steps with random crops, flips, gradient accumulation, discriminator, adaptive weight from step 2, EMA and a
+    cosine schedule, versus: 3 steps, checkpoint, crash while writing the step-6 checkpoint, resume 'latest'."""
+    config = write_config(tmp_path / "c.yaml", max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2,
+                          train_crop_scale=[0.3, 1.0], use_ema=True, lr_scheduler="cosine", lr_warmup_steps=2,
+                          loss={"disc_start": 2})  # fmt: skip
+    reference = tmp_path / "uninterrupted"
+    run(config, reference)
+
+    interrupted = tmp_path / "interrupted"
+    real_save_state = Accelerator.save_state
+
+    def crash_at_step_6(self, output_dir, *args, **kwargs):
+        if output_dir.endswith("checkpoint-6"):
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half a file")
+            raise OSError("No space left on device")
+        return real_save_state(self, output_dir, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", crash_at_step_6)
+    with pytest.raises(OSError, match="No space left"):
+        run(config, interrupted)
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    assert (interrupted / ".tmp-checkpoint-6").is_dir() and not (interrupted / "checkpoint-6").exists()
+    (interrupted / "checkpoint-9").mkdir()  # a folder someone copied halfway: no training_state.json
+    assert find_latest_checkpoint(interrupted) == str(interrupted / "checkpoint-3")
+
+    report = run(config, interrupted, "--resume_from_checkpoint", "latest")
+    assert report["steps_this_run"] == 3 and report["global_step"] == 6
+    assert_same(final_weights(interrupted), final_weights(reference))
+    assert_same(load_file(interrupted / "ema" / "model.safetensors"), load_file(reference / "ema" / "model.safetensors"))
+    discriminator = [load_file(out / "checkpoint-6" / "model_1.safetensors") for out in (interrupted, reference)]
+    assert_same(*discriminator)
+    assert report["validation"] == json.loads((reference / "report.json").read_text())["validation"]
+
+
+def test_checkpoint_helpers(tmp_path):
+    for step in (2, 10, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / STATE_FILENAME).write_text("{}")
+    (tmp_path / "checkpoint-12").mkdir()  # incomplete
+    (tmp_path / ".tmp-checkpoint-14").mkdir()
+    assert find_latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")  # numeric, not alphabetical order
+    assert resolve_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-10")
+    assert resolve_checkpoint("checkpoint-4", tmp_path) == str(tmp_path / "checkpoint-4")
+    assert resolve_checkpoint("latest", tmp_path / "nothing-yet") is None
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_checkpoint(str(tmp_path / "checkpoint-12"), tmp_path)
+    assert prune_checkpoints(tmp_path, keep=1) == [str(tmp_path / "checkpoint-2"), str(tmp_path / "checkpoint-4")]
+    assert find_latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+
+
+# ---------------------------------------------------------------------------------------------------- several processes
+TWO_RANKS = """
+import importlib.util, os, sys, warnings
+warnings.simplefilter("ignore")
+import torch
+from accelerate import debug_launcher
+from accelerate.state import PartialState
+from optvq_hf import OptVQModel
+
+spec = importlib.util.spec_from_file_location("optvq_train_example", sys.argv[1])
+train = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = train
+spec.loader.exec_module(train)
+
+
+def worker(latents_file, result_dir, argv):
+    train.main(argv)
+    rank = PartialState().process_index
+    # The trained quantizer on this rank's half of fixed latents, in training mode: Sinkhorn over both ranks.
+    model = OptVQModel.from_pretrained(argv[argv.index("--output_dir") + 1])
+    indices = model.quantizer.train()(torch.load(latents_file).chunk(2)[rank]).indices
+    torch.save({"indices": indices}, os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+debug_launcher(worker, args=(sys.argv[2], sys.argv[3], sys.argv[4:]), num_processes=2)
+"""
+
+
+def test_two_processes_train_what_one_process_trains(tmp_path):
+    """2 gloo ranks x 2 images = 1 process x 4 images: same weights (DDP averages the gradients, the Sinkhorn marginals
+    are summed over the ranks), and the split batch gets the assignment of the whole batch. With k-means
+    initialisation (gathered rows, broadcast codes) and the discriminator training (adversarial term off: its
+    adaptive weight is computed per rank)."""
+    common = dict(max_train_steps=3, checkpointing_steps=3, train_crop_scale=[0.5, 1.0], kmeans_init=True,
+                  kmeans_init_batches=1, kmeans_iterations=5, loss={"disc_start": 100})  # fmt: skip
+    one_config = write_config(tmp_path / "one.yaml", train_batch_size=4, **common)
+    two_config = write_config(tmp_path / "two.yaml", train_batch_size=2, **common)
+    run(one_config, tmp_path / "one")
+
+    latents = torch.randn(8, 8, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.5
+    torch.save(latents, tmp_path / "latents.pt")
+    argv = ["--config", str(two_config), "--output_dir", str(tmp_path / "two")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="yes")
+    done = subprocess.run([sys.executable, "-c", TWO_RANKS, str(EXAMPLE), str(tmp_path / "latents.pt"), str(tmp_path),
+                           *argv], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["num_processes"] == 2 and report["global_batch_size"] == 4
+
+    # Both ranks saved identical parameters (each wrote its own process state; rank 0 wrote the weights).
+    assert (tmp_path / "two" / "checkpoint-3" / "process_state_1.json").is_file()
+    assert_same(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), exact=False)
+
+    model = OptVQModel.from_pretrained(tmp_path / "two")
+    whole = model.quantizer.train()(latents).indices
+    split = torch.cat([torch.load(tmp_path / f"rank{r}.pt")["indices"] for r in range(2)])
+    assert torch.equal(split, whole)
+    alone = torch.cat([model.quantizer(half).indices for half in latents.chunk(2)])
+    assert not torch.equal(alone, whole)  # each half on its own gets another assignment: the all-reduce matters
+
+
+def test_guard_refuses_processes_that_did_not_form_a_group(tmp_path, monkeypatch):
+    check_process_group(1, {})
+    check_process_group(2, {"WORLD_SIZE": "2"})
+    with pytest.raises(RuntimeError, match="ACCELERATE_USE_CPU=true accelerate launch --multi_gpu"):
+        check_process_group(1, {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
+    with pytest.raises(RuntimeError, match="launcher started 4 processes"):
+        check_process_group(1, {"OMPI_COMM_WORLD_SIZE": "4"})
+    # What `accelerate launch --multi_gpu --num_processes 2` does on a machine without GPUs: each process sees
+    # WORLD_SIZE=2 but accelerate falls back to a one-process state.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="did not form one distributed group"):
+        run(write_config(tmp_path / "c.yaml", max_train_steps=1), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------- k-means
+def test_kmeans_init_with_several_heads():
+    torch.manual_seed(0)
+    model = OptVQModel(OptVQConfig(**{**SMALL_MODEL, "num_codes": 8}))
+    batches = [torch.rand(4, 3, 16, 16) * 2 - 1 for _ in range(2)]
+    rows = torch.cat([latent_rows(model, batch) for batch in batches])  # all 4 heads' sub-vectors, d = 2
+    assert rows.shape == (2 * 4 * 4 * 4 * 4, 2)
+    error = lambda codes: torch.cdist(rows, codes).min(dim=1).values.pow(2).mean()  # noqa: E731
+    before = error(model.quantizer.codebook().detach())
+    codes = kmeans_init_codebook(model, batches, iterations=10)
+    torch.testing.assert_close(model.quantizer.codebook().detach(), codes, rtol=0, atol=1e-6)
+    assert error(codes) < 0.2 * before
+    # Every code is a centroid of rows of several heads: the heads share the codebook.
+    assignment = torch.cdist(rows, codes).argmin(dim=1).view(-1, 4)  # (positions, heads)
+    assert len(torch.unique(assignment)) == 8 and all(len(torch.unique(assignment[:, h])) > 1 for h in range(4))
+    with pytest.raises(ValueError, match="at least num_codes"):
+        kmeans_init_codebook(OptVQModel(OptVQConfig(**{**SMALL_MODEL, "num_codes": 4096})), batches)
+
+
+# -------------------------------------------------------------------------------------------- errors before training
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"learning_rat": 1e-3}, "unknown field 'learning_rat'.*did you mean 'learning_rate'"),
+        ({"model": {**SMALL_MODEL, "num_code": 8}}, "unknown field 'num_code' in the 'model' section"),
+        ({"loss": {"disc_strat": 5}}, "unknown field 'disc_strat' in the 'loss' section.*'disc_start'"),
+        ({"train_batch_size": "many"}, "train_batch_size must be an integer, got 'many'"),
+        ({"train_batch_size": 0}, "train_batch_size must be >= 1"),
+        ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
+        ({"model": {**SMALL_MODEL, "num_heads": 3}}, r"embed_dim \(8\) must be divisible by num_heads \(3\)"),
+        ({"loss": {"disc_loss": "wasserstein"}}, "disc_loss must be one of"),
+        ({"loss": {"perceptual_weight": 1.0, "perceptual_pretrained": False, "disc_in_channels": 1},
+          "model": {**SMALL_MODEL, "in_channels": 1, "out_channels": 1}}, "LPIPS needs RGB images"),  # fmt: skip
+        ({"dataset_name": "builtin:digits", "train_data_dir": "/tmp"}, "exactly one data source"),
+    ],
+)
+def test_bad_config_fields_fail_before_training(tmp_path, fields, message):
+    content = {**BASE, "model": SMALL_MODEL, "loss": SMALL_DISCRIMINATOR, "max_train_steps": 1, **fields}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(content))
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path / "c.yaml", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_overrides_every_field(tmp_path):
+    config = train.parse_args(["--config", str(TINY_DEFAULT), "--learning_rate", "2e-4", "--resolution", "64",
+                               "--model.num_codes", "512", "--loss.disc_start", "7", "--train_crop_scale", "0.5,1",
+                               "--validation_steps", "null", "--use_ema", "true"])  # fmt: skip
+    assert config.learning_rate == 2e-4 and config.model["resolution"] == 64 and config.model["num_codes"] == 512
+    assert config.loss["disc_start"] == 7 and config.train_crop_scale == (0.5, 1.0) and config.use_ema is True
+    assert config.model["channel_multipliers"] == [1, 1, 1]  # untouched fields keep the file's values
+    with pytest.raises(ValueError, match="train_batch_size must be an integer"):
+        train.parse_args(["--config", str(TINY_DEFAULT), "--train_batch_size", "2.5"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(TINY_DEFAULT), "--no_such_flag", "1"])
+    with pytest.raises(ValueError, match="does not exist"):
+        train.parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_bad_data_fails_before_training(tmp_path):
+    data = save_png_folder(tmp_path / "data", 6)
+    base = dict(dataset_name=None, train_data_dir=str(data), num_validation_images=2, max_train_steps=1)
+    with pytest.raises(ValueError, match="image_column 'img' is not a column"):
+        run(write_config(tmp_path / "a.yaml", image_column="img", **base), tmp_path / "a")
+    (data / "3.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    with pytest.raises(ValueError, match=r"unreadable image at .*3\.png"):
+        run(write_config(tmp_path / "b.yaml", **base), tmp_path / "b")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no image files"):
+        run(write_config(tmp_path / "c.yaml", **{**base, "train_data_dir": str(empty)}), tmp_path / "c")
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        run(write_config(tmp_path / "d.yaml", **{**base, "train_batch_size": 8}), tmp_path / "d")
+    for name in "abcd":
+        assert not list((tmp_path / name).glob("checkpoint-*")) and not (tmp_path / name / "model.safetensors").exists()
