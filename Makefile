@@ -20,9 +20,11 @@ install: $(VENV)/.installed
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) tests
 
-# The offline training default: a tiny tokenizer on sample photos, on CPU.
+# The offline training default: a tiny tokenizer on scikit-image's sample photos, on CPU (examples/configs/tiny.yaml);
+# writes the model, reconstruction.png and report.md into outputs/tiny.
 demo: install
-	$(VENV)/bin/accelerate launch --num_processes 1 examples/train.py
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		examples/train.py
 
 clean:
 	rm -rf $(VENV) outputs

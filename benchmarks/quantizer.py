@@ -246,6 +246,65 @@ def cuda_peak(method, num_rows, num_codes, code_dim, device) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Which solver path real inputs take
+# ---------------------------------------------------------------------------------------------------------------------
+def spread_sources():
+    """(name, rows, codes, epsilon): random normal features, and the features of randomly initialised models."""
+    from optvq_hf import OptVQConfig, OptVQModel
+
+    for num_rows, num_codes, code_dim in [(4096, 1024, 8), (16384, 4096, 64), (4096, 16384, 64)]:
+        generator = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        codes = VectorQuantizer(num_codes, code_dim).codebook().detach()
+        yield f"randn N={num_rows} K={num_codes} d={code_dim}", torch.randn(num_rows, code_dim, generator=generator), \
+            codes, 10.0
+    tiny = dict(resolution=32, base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                latent_channels=32, embed_dim=32, num_heads=4, num_codes=64)
+    small = dict(resolution=64, base_channels=32, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1,
+                 attn_resolutions=(8,), latent_channels=64, embed_dim=64, num_heads=4, num_codes=1024)
+    for name, kwargs, batch in [("tiny", tiny, 8), ("small", small, 8), ("default", {}, 2)]:
+        torch.manual_seed(0)
+        config = OptVQConfig(**kwargs)
+        model = OptVQModel(config).eval()
+        images = torch.rand(batch, 3, config.resolution, config.resolution) * 2 - 1
+        with torch.no_grad():
+            latents = model.encode(images).latents
+        rows = latents.permute(0, 2, 3, 1).reshape(-1, model.quantizer.code_dim)
+        yield (f"OptVQModel {name} (random init), batch {batch}", rows, model.quantizer.codebook().detach(),
+               config.sinkhorn_epsilon)
+
+
+def report_spreads() -> None:
+    """Prints the spread of the log-kernel and the path the solver takes, with the number of repaired sums."""
+    import optvq_hf.quantization as quantization
+
+    repairs = {"rows": 0, "codes": 0}
+    log_block = quantization._Kernel.log_block
+
+    def counting(kernel, rows, codes=None):
+        repairs["rows" if codes is None else "codes"] += len(rows) if codes is None else len(codes)
+        return log_block(kernel, rows, codes)
+
+    quantization._Kernel.log_block = counting
+    print(f"exp domain up to a spread of {quantization.EXP_DOMAIN_MAX_SPREAD:g} log-kernel units "
+          f"(largest best-to-worst range of a row, times epsilon / std)")
+    print(f"{'features':<44} {'N':>6} {'K':>6} {'d':>3} {'spread':>7} {'path':>5} {'repaired row/code sums':>23}")
+    for name, rows, codes, epsilon in spread_sources():
+        solver = quantization._SinkhornSolver(epsilon, 5, "all", 4096, distributed=False, streaming=False)
+        distances = quantization._DistanceTiles(rows, codes)
+        scratch = rows.new_empty(solver.tile_rows(rows.shape[0], codes.shape[0], rows.device), codes.shape[0])
+        std, largest_range, _, _ = solver.statistics(distances, rows.new_empty(rows.shape[0], codes.shape[0]),
+                                                     None, scratch)
+        spread = largest_range * solver.kernel_scale(std, codes.shape[1])
+        repairs.update(rows=0, codes=0)
+        solver.assign(rows, codes)
+        path = "exp" if spread <= quantization.EXP_DOMAIN_MAX_SPREAD else "log"
+        print(f"{name:<44} {rows.shape[0]:>6} {codes.shape[0]:>6} {codes.shape[1]:>3} {spread:>7.1f} {path:>5} "
+              f"{repairs['rows']:>11}/{repairs['codes']}")
+    quantization._Kernel.log_block = log_block
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
 def describe_machine(device: torch.device) -> str:
@@ -278,6 +337,7 @@ def main() -> None:
                         help="skip a case whose estimated peak exceeds this (default: 20 on CPU, the free GPU memory)")
     parser.add_argument("--no-memory", action="store_true", help="time only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--spreads", action="store_true", help="only report which solver path real inputs take")
     parser.add_argument("--memory-case", nargs=4, metavar=("METHOD", "N", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -289,6 +349,9 @@ def main() -> None:
         print(json.dumps({"peak_bytes": peak}))
         return
 
+    if args.spreads:
+        report_spreads()
+        return
     device = torch.device(args.device)
     methods = [m for m in args.methods if m != "vq-pytorch" or vq_pytorch_available()]
     if "vq-pytorch" in args.methods and "vq-pytorch" not in methods:

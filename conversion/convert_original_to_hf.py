@@ -45,7 +45,13 @@ if __package__ in (None, ""):  # run as a script: make `conversion` and `optvq_h
 import torch
 from safetensors.torch import load_file, save_file
 
-from conversion.original_checkpoint import CheckpointError, OriginalWeights, read_state_dict, split_and_check
+from conversion.original_checkpoint import (
+    LOSS_GROUPS,
+    CheckpointError,
+    OriginalWeights,
+    read_state_dict,
+    split_and_check,
+)
 from conversion.original_config import (
     PRESETS,
     OriginalConfigError,
@@ -150,7 +156,7 @@ def model_card(
     loss_file: bool, verification: VerificationReport | None,
 ) -> str:  # fmt: skip
     """A short model card stating what was converted from what, and what was checked."""
-    groups = ", ".join(f"{count} {group}" for group, count in weights.loss_groups().items() if count)
+    groups = ", ".join(f"{count} {LOSS_GROUPS[prefix]}" for prefix, count in weights.loss_groups().items() if count)
     stripped = ", ".join(f"`{prefix}`" for prefix in weights.wrapper_prefixes)
     config_source = spec.source if spec.source.startswith("preset") else f"`{Path(spec.source).name}`"
     architecture = [
@@ -312,7 +318,7 @@ def convert(
         files=sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*") if p.is_file()),
         verification=report,
     )
-    groups = ", ".join(f"{group} {count}" for group, count in result.loss_groups.items() if count)
+    groups = ", ".join(f"{prefix}*: {count}" for prefix, count in result.loss_groups.items() if count)
     log(
         f"Converted {source}\n"
         f"  config: {spec.source} (backbone {config.backbone}, {config.num_heads} heads x {config.num_codes} codes, "

@@ -57,8 +57,8 @@ class OriginalWeights:
     dtypes: list[str] = field(default_factory=list)
 
     def loss_groups(self) -> dict[str, int]:
-        """Number of loss-only weights per group."""
-        return {name: sum(k.startswith(prefix) for k in self.loss) for prefix, name in LOSS_GROUPS.items()}
+        """Number of loss-only weights per group, by key prefix (`loss.perceptual_loss.`, `loss.discriminator.`)."""
+        return {prefix: sum(k.startswith(prefix) for k in self.loss) for prefix in LOSS_GROUPS}
 
 
 def _listing(names: list[str], limit: int = 10) -> str:

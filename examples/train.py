@@ -96,70 +96,78 @@ from optvq_hf.training import (
 logger = get_logger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 LR_SCHEDULERS = ("constant", "one_cycle", "cosine", "linear")
+DECAYED_LAYERS = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)  # weight decay on their weights only
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------------------------------------
+def option(default, help: str | None = None):
+    """A field of `TrainingConfig` with its `--help` text."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainingConfig:
     """Every option of a run. `model` holds `OptVQConfig` fields, `loss` holds `OptVQLossConfig` fields."""
 
     # -- data
-    dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset, or builtin:skimage-photos / builtin:digits (offline)"})  # fmt: skip
-    dataset_config_name: str | None = field(default=None, metadata={"help": "the configuration of dataset_name"})
-    train_data_dir: str | None = field(default=None, metadata={"help": "a local folder of images (imagefolder)"})
-    image_column: str = field(default="image", metadata={"help": "the column that holds the images"})
-    train_split: str = "train"
-    validation_split: str | None = field(default=None, metadata={"help": "default: validation, else test, else held out from train"})  # fmt: skip
-    num_validation_images: int = field(default=256, metadata={"help": "images validated (held out if no split)"})
-    streaming: bool = field(default=False, metadata={"help": "stream the dataset instead of downloading it"})
-    shuffle_buffer_size: int = field(default=1000, metadata={"help": "shuffle buffer of a streamed dataset"})
-    dataset_repeats: int = field(default=1, metadata={"help": "an epoch goes this many times over the images"})
-    train_crop_scale: tuple[float, float] = field(default=(1.0, 1.0), metadata={"help": "random crop area range, fraction of the shorter-side square"})  # fmt: skip
-    random_flip: bool = True
-    dataloader_num_workers: int = field(default=0, metadata={"help": "loader processes (threads when streaming)"})
-    image_check_count: int = field(default=64, metadata={"help": "training images decoded before training (-1: all)"})
-    cache_dir: str | None = None
+    dataset_name: str | None = option(None, "a Hub dataset, or builtin:skimage-photos / builtin:digits (offline)")
+    dataset_config_name: str | None = option(None, "the configuration of dataset_name")
+    train_data_dir: str | None = option(None, "a local folder of images (an imagefolder)")
+    image_column: str = option("image", "the column that holds the images")
+    train_split: str = option("train")
+    validation_split: str | None = option(None, "default: validation, else test, else held out from train")
+    num_validation_images: int = option(256, "images validated (held out from train if there is no split)")
+    streaming: bool = option(False, "stream the dataset instead of downloading it (needs max_train_steps)")
+    shuffle_buffer_size: int = option(1000, "shuffle buffer of a streamed dataset")
+    dataset_repeats: int = option(1, "an epoch goes this many times over the images")
+    train_crop_scale: tuple[float, float] = option((1.0, 1.0), "random crop area, fraction of the shorter side^2")
+    random_flip: bool = option(True)
+    dataloader_num_workers: int = option(0, "loader processes (threads when streaming)")
+    image_check_count: int = option(64, "images of each split decoded before training (-1: all)")
+    cache_dir: str | None = option(None)
     # -- model and objective
-    model: dict = field(default_factory=dict, metadata={"help": "OptVQConfig fields"})
-    loss: dict = field(default_factory=dict, metadata={"help": "OptVQLossConfig fields"})
+    model: dict = option({}, "OptVQConfig fields")
+    loss: dict = option({}, "OptVQLossConfig fields")
     # -- optimisation
-    seed: int = 42
-    max_train_steps: int | None = field(default=None, metadata={"help": "optimizer steps; default num_train_epochs"})
-    num_train_epochs: int = 1
-    train_batch_size: int = field(default=8, metadata={"help": "images per process and micro-batch"})
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-4
-    scale_lr: bool = field(default=False, metadata={"help": "multiply learning_rate by the global batch (the original's rule)"})  # fmt: skip
-    codebook_lr_multiplier: float = field(default=1.0, metadata={"help": "learning-rate factor of the quantizer"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-7
-    adam_weight_decay: float = field(default=0.05, metadata={"help": "on convolution and linear weights only"})
-    lr_scheduler: str = field(default="constant", metadata={"help": f"one of {LR_SCHEDULERS}"})
-    lr_warmup_steps: int = 0
-    one_cycle_pct_start: float = 0.01
-    max_grad_norm: float = 1.0
-    mixed_precision: str | None = field(default=None, metadata={"help": "no, fp16 or bf16; default: accelerate's"})
-    use_ema: bool = False
-    ema_decay: float = 0.999
-    kmeans_init: bool = field(default=False, metadata={"help": "initialise the codebook by k-means on encoder features"})  # fmt: skip
-    kmeans_init_batches: int = 8
-    kmeans_iterations: int = 20
-    sync_batchnorm: bool = field(default=True, metadata={"help": "discriminator SyncBatchNorm on several GPUs"})
+    seed: int = option(42)
+    max_train_steps: int | None = option(None, "optimizer steps (default: num_train_epochs epochs)")
+    num_train_epochs: int = option(1)
+    train_batch_size: int = option(8, "images per process and micro-batch")
+    gradient_accumulation_steps: int = option(1)
+    learning_rate: float = option(1e-4)
+    scale_lr: bool = option(False, "multiply learning_rate by the global batch (the original's rule)")
+    codebook_lr_multiplier: float = option(1.0, "learning-rate factor of the quantizer's parameters")
+    adam_beta1: float = option(0.9)
+    adam_beta2: float = option(0.999)
+    adam_epsilon: float = option(1e-7)
+    adam_weight_decay: float = option(0.05, "on convolution and linear weights only")
+    lr_scheduler: str = option("constant", f"one of {LR_SCHEDULERS}")
+    lr_warmup_steps: int = option(0)
+    one_cycle_pct_start: float = option(0.01)
+    max_grad_norm: float = option(1.0, "0: no clipping")
+    mixed_precision: str | None = option(None, "no, fp16 or bf16 (default: accelerate's setting)")
+    use_ema: bool = option(False)
+    ema_decay: float = option(0.999)
+    kmeans_init: bool = option(False, "initialise the codebook by k-means on encoder features")
+    kmeans_init_batches: int = option(8)
+    kmeans_iterations: int = option(20)
+    sync_batchnorm: bool = option(True, "discriminator SyncBatchNorm on several GPUs")
     # -- outputs
-    output_dir: str = "optvq-output"
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
-    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb, all or none"})
-    tracker_project_name: str = "optvq"
-    logging_steps: int = field(default=10, metadata={"help": "window of the codebook usage and images/s"})
-    image_logging_steps: int = field(default=500, metadata={"help": "steps between reconstruction grids"})
-    validation_steps: int | None = field(default=None, metadata={"help": "steps between validations (always at the end)"})  # fmt: skip
-    validation_batch_size: int | None = None
-    num_grid_images: int = 8
+    output_dir: str = option("optvq-output")
+    checkpointing_steps: int = option(500)
+    checkpoints_total_limit: int | None = option(None)
+    resume_from_checkpoint: str | None = option(None, "'latest' or a checkpoint folder")
+    report_to: str = option("tensorboard", "tensorboard, wandb, all or none")
+    tracker_project_name: str = option("optvq")
+    logging_steps: int = option(10, "window of the codebook usage and images/s")
+    image_logging_steps: int = option(500, "steps between reconstruction grids")
+    validation_steps: int | None = option(None, "steps between validations (always at the end)")
+    validation_batch_size: int | None = option(None, "default: train_batch_size")
+    num_grid_images: int = option(8)
 
     def __post_init__(self) -> None:
         positive = ("num_validation_images", "dataset_repeats", "num_train_epochs", "train_batch_size",
@@ -202,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     """`--config file.yaml` plus `--field value` overrides (`--model.field`, `--loss.field` for the sections)."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of options (default: %(default)s)")
     for option in fields(TrainingConfig):
         if option.name not in ("model", "loss"):
@@ -229,7 +237,9 @@ def _section_fields(cls: type) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Pieces of the loop
 # ---------------------------------------------------------------------------------------------------------------------
-def build_optimizer(modules: list[torch.nn.Module], config: TrainingConfig, lr: float, codebook_lr: float | None = None):
+def build_optimizer(
+    modules: list[torch.nn.Module], config: TrainingConfig, lr: float, codebook_lr: float | None = None
+) -> torch.optim.AdamW:
     """AdamW as in the original: weight decay on convolution / linear weights only (not on biases, norms, codebook);
     the quantizer's parameters at `codebook_lr` if given."""
     decay, no_decay, codebook = [], [], []
@@ -240,7 +250,7 @@ def build_optimizer(modules: list[torch.nn.Module], config: TrainingConfig, lr: 
                     continue
                 if codebook_lr is not None and _is_quantizer_parameter(module, parameter):
                     codebook.append(parameter)
-                elif name == "weight" and isinstance(submodule, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+                elif name == "weight" and isinstance(submodule, DECAYED_LAYERS):
                     decay.append(parameter)
                 else:
                     no_decay.append(parameter)
@@ -306,7 +316,7 @@ def validate(model: OptVQModel, loader, accelerator: Accelerator) -> dict[str, f
     """Validation metrics over every process's shard: PSNR (Y channel as the original's evaluation, and RGB), L1,
     codebook usage and perplexity (overall and per head). Eval mode: nearest-code assignment, no collective."""
     config = model.config
-    names = ("psnr", "psnr_rgb", "usage", "perplexity") if config.in_channels == 3 else ("psnr_rgb", "usage", "perplexity")
+    names = ("psnr_rgb", "usage", "perplexity") + (("psnr",) if config.in_channels == 3 else ())
     metrics = ReconstructionMetrics(names, num_codes=config.num_codes, num_heads=config.num_heads,
                                     device=accelerator.device)  # fmt: skip
     l1_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # |error| in [0, 1] units
@@ -406,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
             config.train_split, config.validation_split, config.num_validation_images, config.streaming,
             config.seed, config.cache_dir,
         )  # fmt: skip
-    check_images(splits.validation, -1)
+    check_images(splits.validation, config.image_check_count)
     processor = OptVQImageProcessor.from_model_config(model_config)
     transform = RandomCropTransform(model_config.resolution, tuple(config.train_crop_scale), config.random_flip,
                                     model_config.in_channels)  # fmt: skip
@@ -418,12 +428,12 @@ def main(argv: list[str] | None = None) -> dict:
         check_images(splits.train, config.image_check_count)
         train_set = TrainImages(splits.train, transform, config.seed, config.dataset_repeats)
         train_batches = TrainBatches(train_set, config.train_batch_size, world, rank, config.seed,
-                                     config.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")  # fmt: skip
+                                     config.dataloader_num_workers, accelerator.device.type == "cuda")  # fmt: skip
     validation_set = ValidationImages(splits.validation, processor)
     validation_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(validation_set, range(rank, len(validation_set), world)),  # this process's shard
         batch_size=config.validation_batch_size or config.train_batch_size,
-        num_workers=min(config.dataloader_num_workers, 2),
+        num_workers=config.dataloader_num_workers,
         generator=torch.Generator().manual_seed(0),  # leaves the global random state alone
     )
     grid_images = torch.stack([validation_set[i] for i in range(min(config.num_grid_images, len(validation_set)))])
@@ -432,7 +442,8 @@ def main(argv: list[str] | None = None) -> dict:
     if config.max_train_steps is not None:
         max_train_steps = config.max_train_steps
     else:
-        max_train_steps = config.num_train_epochs * train_batches.batches_per_epoch // config.gradient_accumulation_steps
+        epoch_steps = train_batches.batches_per_epoch // config.gradient_accumulation_steps
+        max_train_steps = config.num_train_epochs * epoch_steps
         if max_train_steps < 1:
             raise ValueError("one epoch is shorter than one step: set max_train_steps or raise num_train_epochs")
 
@@ -450,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, loss_ddp, optimizer, disc_optimizer = accelerator.prepare(model, loss_fn, optimizer, disc_optimizer)
     unwrapped = accelerator.unwrap_model(model)
     loss_module = accelerator.unwrap_model(loss_ddp)
+
     # -- resume, or start (optionally from a k-means codebook)
     checkpoint = broadcast_object_list([resolve_checkpoint(config.resume_from_checkpoint, output_dir)])[0]
     if checkpoint is None and config.kmeans_init:
@@ -471,7 +483,8 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.load_state(checkpoint)
         state, process_state = load_checkpoint_state(checkpoint, rank)
         if process_state is None or state.get("num_processes") != world:
-            raise ValueError(f"{checkpoint} was written by {state.get('num_processes')} processes; resume it with as many")
+            raise ValueError(f"{checkpoint} was written by {state.get('num_processes')} processes: resume it with "
+                             f"as many (this launch has {world})")  # fmt: skip
         global_step = int(state["global_step"])
         train_batches.load_state_dict(process_state["data"])
         if ema is not None:
@@ -552,11 +565,13 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.log(logs, step=global_step)
         first_logs, last_logs = first_logs or logs, logs
         if global_step % config.image_logging_steps == 0 and accelerator.is_main_process:
-            reconstruction_grid(unwrapped, grid_images).save(output_dir / "samples" / f"reconstruction-{global_step}.png")
+            grid = reconstruction_grid(unwrapped, grid_images)
+            grid.save(output_dir / "samples" / f"reconstruction-{global_step}.png")
         if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_train_steps:
             results = validate(unwrapped, validation_loader, accelerator)
             accelerator.log({f"validation_{k}": v for k, v in results.items()}, step=global_step)
-            accelerator.print(f"step {global_step}: validation PSNR {results['psnr']:.2f} dB, usage {results['usage']:.3f}")
+            accelerator.print(f"step {global_step}: validation PSNR {results['psnr']:.2f} dB, "
+                              f"codebook usage {results['usage']:.3f}")  # fmt: skip
         if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
             state = {"global_step": global_step, "num_processes": world, "config": _plain(asdict(config))}
             save_checkpoint(accelerator, output_dir, global_step, state, {"data": train_batches.state_dict()})

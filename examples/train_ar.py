@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--log_every", type=int, default=100, help="steps between log lines")
+    training.add_argument("--eval_every", type=int, default=None, help="steps between validation losses (default: end)")
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--samples_per_class", type=int, default=10, help="grid columns with classes")
@@ -145,7 +146,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_train_samples", "image_size", "intermediate_size"):
+    for name in ("max_train_samples", "image_size", "intermediate_size", "eval_every"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.hidden_size % args.num_attention_heads:
@@ -465,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # 3. Train.
     train_start = time.perf_counter()
     losses: list[float] = []
+    validation_losses: dict[int, float] = {}
     step = 0
     model.train()
     while step < args.max_train_steps:
@@ -486,10 +488,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 recent = losses[-args.log_every :]
                 accelerator.print(f"step {step}/{args.max_train_steps}  loss {sum(recent) / len(recent):.4f}  "
                                   f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - train_start:.0f}s")  # fmt: skip
+            if val_loader is not None and args.eval_every and step % args.eval_every == 0 and step < args.max_train_steps:
+                validation_losses[step] = evaluate_loss(model, val_loader, fmt, accelerator)
+                accelerator.print(f"step {step}  validation loss {validation_losses[step]:.4f}")
             if step >= args.max_train_steps:
                 break
     train_seconds = time.perf_counter() - train_start
     val_loss = evaluate_loss(model, val_loader, fmt, accelerator) if val_loader is not None else None
+    if val_loss is not None:
+        validation_losses[step] = val_loss
+        accelerator.print(f"step {step}  validation loss {val_loss:.4f}")
 
     # 4. Sample, decode, save (main process).
     summary = {
@@ -501,6 +509,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "first_loss": losses[0] if losses else None,
         "final_train_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
         "validation_loss": val_loss,
+        "validation_losses": validation_losses,
         "uniform_loss": math.log(layout.num_codes),
         "tokenize_seconds": round(tokenize_seconds, 2),
         "train_seconds": round(train_seconds, 2),

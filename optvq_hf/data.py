@@ -69,16 +69,16 @@ def to_pil(value: Any, where: str) -> PIL.Image.Image:
         if isinstance(value, PIL.Image.Image):
             image = value
         elif isinstance(value, dict) and ("bytes" in value or "path" in value):
+            where = f"{where} ({value['path']})" if value.get("path") else where
             if value.get("bytes") is not None:
                 image = PIL.Image.open(io.BytesIO(value["bytes"]))
             elif value.get("path"):
                 image = PIL.Image.open(value["path"])
             else:
                 raise ValueError("the row holds neither bytes nor a path")
-            where = f"{where} ({value['path']})" if value.get("path") else where
         elif isinstance(value, (str, os.PathLike)):
-            image = PIL.Image.open(value)
             where = f"{where} ({value})"
+            image = PIL.Image.open(value)
         elif isinstance(value, (np.ndarray, torch.Tensor)):
             array = np.asarray(value)
             if array.dtype != np.uint8:

@@ -271,7 +271,7 @@ class _LogColumns:
         return self.maximum + self.total.log(), None
 
 
-# -- the solver ---------------------------------------------------------------------------------------------------------
+# -- the solver --------------------------------------------------------------------------------------------------------
 class _SinkhornSolver:
     """
     Sinkhorn assignment of N rows to K codes: the argmax of each row of the plan P = diag(a) exp(-s * D') diag(b) of
@@ -368,7 +368,7 @@ class _SinkhornSolver:
 
     # -- assignment -----------------------------------------------------------------------------------------------
     def assign(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Index (N,) of the argmax of each row of the Sinkhorn plan of the (N, d) rows' distances to the (K, d) codes."""
+        """Index (N,) of the argmax of each row of the Sinkhorn plan of the (N, d) rows' distances to the K codes."""
         num_rows, num_codes = rows.shape[0], codes.shape[0]
         if num_rows == 0 and not self.distributed:
             return torch.empty(0, dtype=torch.long, device=rows.device)

@@ -138,11 +138,13 @@ def test_verification_report_against_the_fixture(hub_conversion):
 
 
 def test_loss_weights_are_saved_under_their_original_names(hub_conversion):
-    _, output = hub_conversion
+    result, output = hub_conversion
     original = load_file(HUB_FOLDER / "model.safetensors")
     expected = {k[len("model."):]: v for k, v in original.items() if k.startswith("model.loss.")}
     saved = load_file(output / LOSS_WEIGHTS_FILE)
     assert set(saved) == set(expected) and len(saved) == 55
+    assert result.dropped_keys == sorted(saved)  # every dropped weight is listed
+    assert result.loss_groups == {"loss.perceptual_loss.": 33, "loss.discriminator.": 22}
     assert all(torch.equal(saved[k], expected[k]) for k in saved)
     assert {k.split(".")[1] for k in saved} == {"perceptual_loss", "discriminator"}
     with safe_open(output / LOSS_WEIGHTS_FILE, "pt") as handle:
@@ -191,6 +193,18 @@ def test_compiled_training_checkpoint_and_nested_yaml(hub_conversion, tmp_path):
     assert result.wrapper_prefixes == ["_orig_mod."] and result.mapped_keys == 185
     converted, from_hub = load_file(tmp_path / "out" / "model.safetensors"), load_file(hub_output / "model.safetensors")
     assert all(torch.equal(converted[k], from_hub[k]) for k in from_hub)
+
+
+def test_hub_folder_with_a_pickled_state_dict(hub_conversion, tmp_path):
+    """Older huggingface_hub mixins wrote `pytorch_model.bin` (a bare state dict) instead of model.safetensors."""
+    _, hub_output = hub_conversion
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((HUB_FOLDER / "config.json").read_bytes())
+    torch.save(load_file(HUB_FOLDER / "model.safetensors"), folder / "pytorch_model.bin")
+    convert(folder, tmp_path / "out", log=quiet)
+    converted, from_hub = load_file(tmp_path / "out" / "model.safetensors"), load_file(hub_output / "model.safetensors")
+    assert set(converted) == set(from_hub) and all(torch.equal(converted[k], from_hub[k]) for k in from_hub)
 
 
 # -- configuration -----------------------------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_streaming_is_chosen_above_the_memory_threshold(monkeypatch):
         SinkhornQuantizer(32, 8, streaming="auto")
 
 
-# -- memory: which (N, K) matrices exist --------------------------------------------------------------------------------
+# -- memory: which (N, K) matrices exist -------------------------------------------------------------------------------
 class LargeAllocations(TorchDispatchMode):
     """Records the storages of at least `min_numel` elements that the operations inside the block create."""
 
@@ -143,7 +143,7 @@ def test_one_or_no_full_matrix(streaming, expected):
     assert len(allocations.storages) == expected
 
 
-# -- loss and gradients --------------------------------------------------------------------------------------------------
+# -- loss and gradients ------------------------------------------------------------------------------------------------
 def test_loss_and_gradients_follow_from_the_exact_assignment():
     torch.manual_seed(0)
     quantizer = SinkhornQuantizer(128, 64, num_heads=4, beta=0.25).train()
