@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from optvq_hf import OptVQImageProcessor, OptVQModel
+from optvq_hf.data import ImageList, ValidationImages
 from optvq_hf.metrics import METRIC_NAMES, InceptionFeatureExtractor, ReconstructionMetrics
 from optvq_hf.perceptual import LPIPS
 
@@ -98,7 +99,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "the metrics whose weights or packages are missing",
     )
     parser.add_argument("--output_dir", default="eval-output", help="where metrics.json, metrics.md and the grid go")
-    parser.add_argument("--num_workers", type=int, default=4, help="DataLoader worker processes (0: load in-process)")
+    parser.add_argument(
+        "--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes (0: none)"
+    )
     parser.add_argument("--num_grid_images", type=int, default=8, help="images shown in reconstructions.png (0: none)")
     args = parser.parse_args(argv)
     check_args(args)
@@ -185,18 +188,6 @@ def find_image_column(dataset: datasets.Dataset, image_column: str | None) -> st
     return image_columns[0]
 
 
-class CollateImages:
-    """Rows of the dataset -> `pixel_values` (B, C, R, R) in [-1, 1], resized and center-cropped by the processor."""
-
-    def __init__(self, processor: OptVQImageProcessor, image_column: str):
-        self.processor = processor
-        self.image_column = image_column
-
-    def __call__(self, rows: list[dict]) -> torch.Tensor:
-        images = [row[self.image_column] for row in rows]
-        return self.processor(images, return_tensors="pt")["pixel_values"]
-
-
 def build_processor(model_name_or_path: str, model: OptVQModel) -> OptVQImageProcessor:
     """The model's processor at the model's resolution; a saved processor only contributes its resampling filter."""
     resample = "bicubic"
@@ -232,7 +223,7 @@ def build_metrics(
             if explicit:
                 raise
             skipped[name] = f"{type(error).__name__}: {error}"
-            warnings.warn(f"skipping {name} (not requested by name, its weights are unavailable): {error}")
+            warnings.warn(f"skipping {name} (not requested by name; its weights or package are missing): {error}")
     kept = [name for name in names if name not in skipped]
     metrics = ReconstructionMetrics(
         kept,
@@ -346,12 +337,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
         image_column = find_image_column(dataset, args.image_column)
         metrics, skipped = build_metrics(names, explicit, model, accelerator.device)
     dataset = dataset.select_columns([image_column])
+    if isinstance(dataset.features[image_column], datasets.Image):
+        # Decoded by `to_pil` in the loader instead, so that an unreadable file raises an error naming it.
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    images = ImageList(dataset, image_column, name=f"split {split!r} of {args.data_dir or args.dataset_name!r}")
     dataloader = DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        shuffle=False,
-        num_workers=args.num_workers,
-        collate_fn=CollateImages(processor, image_column),
+        ValidationImages(images, processor), batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers
     )
     dataloader = accelerator.prepare(dataloader)  # shards batches over processes; the model stays unwrapped
 

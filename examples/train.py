@@ -51,16 +51,14 @@ perplexity per head), `training_config.yaml` and `logs/` (tensorboard).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
-import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import torch
 import yaml
@@ -85,6 +83,7 @@ from optvq_hf.metrics import ReconstructionMetrics, codebook_usage, perplexity
 from optvq_hf.training import (
     build_config,
     check_process_group,
+    field_types,
     kmeans_init_codebook,
     load_checkpoint_state,
     load_yaml,
@@ -206,32 +205,29 @@ class TrainingConfig:
         return OptVQLossConfig(**self.loss)
 
 
+SECTIONS = {"model": OptVQConfig, "loss": OptVQLossConfig}  # nested sections of the YAML file
+
+
 def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     """`--config file.yaml` plus `--field value` overrides (`--model.field`, `--loss.field` for the sections)."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of options (default: %(default)s)")
-    for option in fields(TrainingConfig):
-        if option.name not in ("model", "loss"):
-            parser.add_argument(f"--{option.name}", default=argparse.SUPPRESS, help=option.metadata.get("help"))
+    helps = {option.name: option.metadata.get("help") for option in fields(TrainingConfig)}
+    groups = [("", TrainingConfig, parser)] + [
+        (f"{name}.", cls, parser.add_argument_group(f"{name} ({cls.__name__} fields, see its docstring)"))
+        for name, cls in SECTIONS.items()
+    ]
+    for prefix, cls, group in groups:
+        for name, hint in field_types(cls).items():
+            if name in SECTIONS and not prefix:
+                continue
+            flag = dict(nargs="?", const="true") if hint is bool else {}  # `--use_ema` alone means true
+            group.add_argument(f"--{prefix}{name}", default=argparse.SUPPRESS, help=helps.get(name) if not prefix
+                               else None, metavar="VALUE", **flag)  # fmt: skip
     parser.add_argument("--resolution", dest="model.resolution", default=argparse.SUPPRESS, help="= --model.resolution")
-    for section, cls in (("model", OptVQConfig), ("loss", OptVQLossConfig)):
-        group = parser.add_argument_group(f"{section} ({cls.__name__} fields, see its docstring)")
-        for name in _section_fields(cls):
-            group.add_argument(f"--{section}.{name}", default=argparse.SUPPRESS, metavar="VALUE")
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
     return build_config(TrainingConfig, load_yaml(config_file), args, SECTIONS, source=f"config file {config_file!r}")
-
-
-SECTIONS = {"model": OptVQConfig, "loss": OptVQLossConfig}
-
-
-def _section_fields(cls: type) -> list[str]:
-    from optvq_hf.training import field_types
-
-    return [name for name in field_types(cls) if name != "initializer_range"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -353,6 +349,18 @@ def reconstruction_grid(model: OptVQModel, images: torch.Tensor) -> PIL.Image.Im
     return PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
+def check_trackers(report_to: str) -> None:
+    """A `ValueError` naming the package to install when a requested tracker is missing."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    wanted = {"all": ("tensorboard", "wandb"), "none": ()}.get(report_to, (report_to,))
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    missing = [name for name in wanted if not available[name]]
+    if missing:
+        raise ValueError(f"report_to={report_to!r} needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+                         f"(or pass --report_to none)")  # fmt: skip
+
+
 def write_report(output_dir: Path, report: dict) -> None:
     """report.json (everything) and report.md (the numbers people read)."""
     with open(output_dir / "report.json", "w") as handle:
@@ -399,6 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     if loss_config.perceptual_weight > 0 and model_config.out_channels != 3:
         raise ValueError("LPIPS needs RGB images: set loss.perceptual_weight to 0 for models with out_channels != 3")
     output_dir = Path(config.output_dir)
+    check_trackers(config.report_to)  # accelerate would skip a missing tracker with a mere warning
 
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,

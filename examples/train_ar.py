@@ -30,6 +30,11 @@ logits processor allows at each step only the ids valid at that place of the seq
 The tokenizer runs once: the token sequences are stored with `datasets.save_to_disk` under `--token_cache_dir`
 (default `<output_dir>/tokens`) and reused by later runs with the same tokenizer weights, data and layout.
 
+An image is `num_heads * (image_size / downsampling factor)^2` tokens: with the digits at 16x16, a factor-4 tokenizer
+with 4 heads gives 64 tokens and the default run (500 steps of a 0.8 M-parameter transformer) takes about 3 minutes on
+two CPU cores; a factor-2 tokenizer gives 256 tokens (pass `--image_size 8` for 64). On a CPU shared with other jobs,
+`OMP_NUM_THREADS=1` avoids OpenMP threads waiting on each other, which can slow small models down many times.
+
 `--output_dir` receives `samples.png` (one row per class, or a square grid without classes), `samples.safetensors`
 (the sampled token ids and their classes), `reference.png` (real images of the same classes after the tokenizer's
 round trip, the quality ceiling of the generator), `generator/` (the transformer, `save_pretrained`, with
@@ -65,7 +70,8 @@ from optvq_hf.tokens import ORDERS, VOCABULARIES
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    description = __doc__.split("\n\n")[0]
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", default=None, help="a YAML file of flag values (command-line flags win)")
     parser.add_argument("--tokenizer", required=True, help="a trained OptVQ model: a save_pretrained folder or Hub id")
     parser.add_argument("--output_dir", default="outputs/ar", help="where the grid, the generator and logs go")
@@ -79,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--label_column", default=None, help="the class column (default 'label' for the digits)")
     data.add_argument("--max_train_samples", type=int, default=None, help="use the first N images only")
     data.add_argument("--image_size", type=int, default=None,
-                      help="side of the square images fed to the tokenizer (default: the tokenizer's resolution)")
+                      help="side of the square images fed to the tokenizer (default: the tokenizer's resolution; for "
+                      "the 8x8 digits 16, rounded up to a multiple of the tokenizer's downsampling factor)")
     data.add_argument("--token_cache_dir", default=None, help="where the token dataset is stored (<output_dir>/tokens)")
     data.add_argument("--tokenize_batch_size", type=int, default=64, help="images per tokenizer batch")
     data.add_argument("--validation_fraction", type=float, default=0.1, help="held-out share for the validation loss")
@@ -92,16 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("transformer (LlamaForCausalLM)")
     model.add_argument("--hidden_size", type=int, default=128)
-    model.add_argument("--num_layers", type=int, default=4)
+    model.add_argument("--num_layers", type=int, default=3)
     model.add_argument("--num_attention_heads", type=int, default=4)
     model.add_argument("--intermediate_size", type=int, default=None, help="default 4 * hidden_size")
 
     training = parser.add_argument_group("training")
     training.add_argument("--batch_size", type=int, default=32, help="sequences per batch and per process")
     training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
+    training.add_argument("--max_train_steps", type=int, default=500, help="optimizer steps")
     training.add_argument("--learning_rate", type=float, default=2e-3)
-    training.add_argument("--weight_decay", type=float, default=0.05)
+    training.add_argument("--weight_decay", type=float, default=0.1)
     training.add_argument("--warmup_steps", type=int, default=50)
     training.add_argument("--max_grad_norm", type=float, default=1.0)
     training.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
@@ -112,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--samples_per_class", type=int, default=10, help="grid columns with classes")
     sampling.add_argument("--num_samples", type=int, default=64, help="samples without classes")
-    sampling.add_argument("--temperature", type=float, default=1.0)
+    sampling.add_argument("--temperature", type=float, default=0.8)
     sampling.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest ids (0: all)")
     sampling.add_argument("--grid_scale", type=int, default=2, help="integer upscaling of the saved grids")
     return parser
@@ -120,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    first, _ = parser.parse_known_args(argv)  # only to find --config; flags on the command line override the file
+    finder = argparse.ArgumentParser(add_help=False)  # only finds --config; command-line flags override the file
+    finder.add_argument("--config", default=None)
+    first, _ = finder.parse_known_args(argv)
     if first.config is not None:
         values = yaml.safe_load(Path(first.config).read_text()) or {}
         known = {action.dest for action in parser._actions}
@@ -172,7 +181,8 @@ def load_digits_dataset() -> datasets.Dataset:
         raise ValueError("the default digits data needs scikit-learn: pip install scikit-learn") from error
     digits = load_digits()
     images = [PIL.Image.fromarray(np.round(image * (255 / 16)).astype(np.uint8), mode="L") for image in digits.images]
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    labels = datasets.ClassLabel(names=[str(digit) for digit in range(10)])
+    features = datasets.Features({"image": datasets.Image(), "label": labels})
     return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
 
 
@@ -203,6 +213,20 @@ def class_names(dataset: datasets.Dataset, label_column: str | None) -> list[str
     if labels != list(range(len(labels))):
         raise ValueError(f"--label_column {label_column!r} must hold the integers 0..C-1, got {labels[:10]}...")
     return [str(label) for label in labels]
+
+
+def choose_image_size(args: argparse.Namespace, config) -> int:
+    """--image_size, else 16 for the 8x8 digits (more only adds tokens), else the tokenizer's resolution."""
+    factor = config.downsample_factor
+    if args.image_size is not None:
+        size = args.image_size
+    elif args.dataset_name is None and args.data_dir is None:
+        size = factor * math.ceil(16 / factor)
+    else:
+        size = config.resolution
+    if size % factor:
+        raise ValueError(f"--image_size {size} must be a multiple of the tokenizer's downsampling factor {factor}")
+    return size
 
 
 def tokenizer_fingerprint(tokenizer: OptVQModel) -> str:
@@ -368,6 +392,30 @@ def decode_to_uint8(tokenizer: OptVQModel, token_ids: torch.Tensor, layout: Toke
     return np.concatenate(chunks)
 
 
+def reference_images(
+    tokenizer: OptVQModel, tokens: datasets.Dataset, layout: TokenLayout, names: list[str] | None, per_row: int
+) -> np.ndarray:
+    """
+    The stored tokens of real images decoded, laid out like the sample grid: the first `per_row` images of each class
+    (blank where a class has fewer), or the first `per_row` images without classes.
+    """
+    if not names:
+        return decode_to_uint8(tokenizer, tokens[: min(per_row, len(tokens))]["input_ids"], layout)
+    labels = np.asarray(list(tokens.with_format(None)["label"]))
+    picked = [np.flatnonzero(labels == label)[:per_row].tolist() for label in range(len(names))]
+    flat = [index for row in picked for index in row]
+    decoded = decode_to_uint8(tokenizer, tokens[flat]["input_ids"], layout)  # a label column has some class present
+    grid, cursor = [], 0
+    for row in picked:
+        for slot in range(per_row):
+            if slot < len(row):
+                grid.append(decoded[cursor])
+                cursor += 1
+            else:  # a class with fewer images than a row holds
+                grid.append(np.zeros_like(decoded[0]))
+    return np.stack(grid)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
@@ -384,6 +432,108 @@ def evaluate_loss(model, loader, fmt: SequenceFormat, accelerator: Accelerator) 
     model.train()
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     return float(total / count) if count > 0 else float("nan")
+
+
+def save_samples(
+    args: argparse.Namespace,
+    generator: LlamaForCausalLM,
+    tokenizer: OptVQModel,
+    fmt: SequenceFormat,
+    tokens: datasets.Dataset,
+    names: list[str] | None,
+    output_dir: Path,
+) -> None:
+    """Sample a grid (one row per class, or a square), decode it, and save it next to the reference grid."""
+    torch.manual_seed(args.seed)
+    if names:
+        labels = torch.arange(len(names)).repeat_interleave(args.samples_per_class)
+        columns, per_row = args.samples_per_class, args.samples_per_class
+    else:
+        labels = None
+        columns, per_row = math.ceil(math.sqrt(args.num_samples)), args.num_samples
+    count = labels.numel() if names else args.num_samples
+    sampled = sample_tokens(generator, fmt, labels, count, args)
+    images = decode_to_uint8(tokenizer, sampled, fmt.layout)
+    image_grid(images, columns, args.grid_scale).save(output_dir / "samples.png")
+    save_file({"token_ids": sampled.contiguous(), **({"labels": labels} if names else {})},
+              output_dir / "samples.safetensors")  # fmt: skip
+    # The tokenizer's round trip of real images of the same classes: what a perfect generator could reach.
+    reference = reference_images(tokenizer, tokens, fmt.layout, names, per_row)
+    image_grid(reference, columns, args.grid_scale).save(output_dir / "reference.png")
+
+
+def transformer_config(args: argparse.Namespace, fmt: SequenceFormat) -> LlamaConfig:
+    """A small Llama over the image tokens, the begin-of-image token and the class tokens."""
+    return LlamaConfig(
+        vocab_size=fmt.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size or 4 * args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_attention_heads,
+        max_position_embeddings=fmt.prefix_length + fmt.layout.sequence_length,
+        bos_token_id=fmt.boi_id,
+        eos_token_id=None,  # every sequence has the same length: generation stops at max_new_tokens
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+
+
+def train(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    model: LlamaForCausalLM,
+    fmt: SequenceFormat,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+) -> tuple[torch.nn.Module, list[float], dict[int, float]]:
+    """AdamW with warmup and cosine decay; returns the prepared model, the loss of every step and validation losses."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on norms
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(0.9, 0.95),
+    )
+    # accelerate steps a prepared scheduler once per process at each optimizer step: count steps the same way.
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+                              num_training_steps=args.max_train_steps * accelerator.num_processes)  # fmt: skip
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+
+    losses: list[float] = []
+    validation_losses: dict[int, float] = {}
+    start = time.perf_counter()
+    model.train()
+    while len(losses) < args.max_train_steps:
+        for batch in train_loader:
+            with accelerator.accumulate(model):
+                sequence, targets = fmt.sequences(batch["input_ids"], batch.get("label"))
+                loss = model(input_ids=sequence, labels=targets).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            losses.append(float(accelerator.reduce(loss.detach().float(), "mean")))
+            step = len(losses)
+            if step % args.log_every == 0 or step == args.max_train_steps:
+                recent = losses[-args.log_every :]
+                accelerator.print(
+                    f"step {step}/{args.max_train_steps}  loss {sum(recent) / len(recent):.4f}  "
+                    f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - start:.0f}s"
+                )
+            last = step == args.max_train_steps
+            if val_loader is not None and (last or (args.eval_every and step % args.eval_every == 0)):
+                validation_losses[step] = evaluate_loss(model, val_loader, fmt, accelerator)
+                accelerator.print(f"step {step}  validation loss {validation_losses[step]:.4f}")
+            if last:
+                break
+    return model, losses, validation_losses
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -406,10 +556,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # 1. Tokenize once (the main process writes the cache, the others read it).
     tokenizer = OptVQModel.from_pretrained(args.tokenizer).eval().to(accelerator.device)
     tokenizer.requires_grad_(False)
-    image_size = args.image_size or tokenizer.config.resolution
-    if image_size % tokenizer.config.downsample_factor:
-        raise ValueError(f"--image_size {image_size} must be a multiple of the tokenizer's downsampling factor "
-                         f"{tokenizer.config.downsample_factor}")  # fmt: skip
+    image_size = choose_image_size(args, tokenizer.config)
     side = image_size // tokenizer.config.downsample_factor
     layout = tokenizer.token_layout(args.order, args.vocabulary, (side, side))
     tokenize_start = time.perf_counter()
@@ -430,74 +577,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         train_tokens, val_tokens = split["train"], split["test"]
     else:
         train_tokens, val_tokens = tokens, None
-    train_loader = DataLoader(train_tokens, batch_size=args.batch_size, shuffle=True, drop_last=len(train_tokens) > args.batch_size)
+    drop_last = len(train_tokens) > args.batch_size  # equal batches, unless the data is smaller than one
+    train_loader = DataLoader(train_tokens, batch_size=args.batch_size, shuffle=True, drop_last=drop_last)
     val_loader = DataLoader(val_tokens, batch_size=args.batch_size) if val_tokens is not None else None
 
-    # 2. The transformer.
-    config = LlamaConfig(
-        vocab_size=fmt.vocab_size,
-        hidden_size=args.hidden_size,
-        intermediate_size=args.intermediate_size or 4 * args.hidden_size,
-        num_hidden_layers=args.num_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_attention_heads,
-        max_position_embeddings=fmt.prefix_length + layout.sequence_length,
-        bos_token_id=fmt.boi_id,
-        eos_token_id=None,
-        pad_token_id=None,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
+    # 2. The transformer, 3. training.
+    model = LlamaForCausalLM(transformer_config(args, fmt))
     num_parameters = sum(p.numel() for p in model.parameters())
-    accelerator.print(f"LlamaForCausalLM: {num_parameters:,} parameters, {args.num_layers} layers, width {args.hidden_size}")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]  # no weight decay on norms and biases
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate,
-        betas=(0.9, 0.95),
-    )
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps,
-                              num_training_steps=args.max_train_steps)  # fmt: skip
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
-
-    # 3. Train.
+    accelerator.print(f"LlamaForCausalLM: {num_parameters:,} parameters, {args.num_layers} x {args.hidden_size}")
     train_start = time.perf_counter()
-    losses: list[float] = []
-    validation_losses: dict[int, float] = {}
-    step = 0
-    model.train()
-    while step < args.max_train_steps:
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                sequence, targets = fmt.sequences(batch["input_ids"], batch.get("label"))
-                loss = model(input_ids=sequence, labels=targets).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            losses.append(float(accelerator.reduce(loss.detach().float(), "mean")))
-            if step % args.log_every == 0 or step == args.max_train_steps:
-                recent = losses[-args.log_every :]
-                accelerator.print(f"step {step}/{args.max_train_steps}  loss {sum(recent) / len(recent):.4f}  "
-                                  f"lr {scheduler.get_last_lr()[0]:.2e}  {time.perf_counter() - train_start:.0f}s")  # fmt: skip
-            if val_loader is not None and args.eval_every and step % args.eval_every == 0 and step < args.max_train_steps:
-                validation_losses[step] = evaluate_loss(model, val_loader, fmt, accelerator)
-                accelerator.print(f"step {step}  validation loss {validation_losses[step]:.4f}")
-            if step >= args.max_train_steps:
-                break
+    model, losses, validation_losses = train(args, accelerator, model, fmt, train_loader, val_loader)
     train_seconds = time.perf_counter() - train_start
-    val_loss = evaluate_loss(model, val_loader, fmt, accelerator) if val_loader is not None else None
-    if val_loss is not None:
-        validation_losses[step] = val_loss
-        accelerator.print(f"step {step}  validation loss {val_loss:.4f}")
+    val_loss = validation_losses.get(len(losses))
 
     # 4. Sample, decode, save (main process).
     summary = {
@@ -505,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "tokens_per_image": layout.sequence_length,
         "image_vocab_size": layout.vocab_size,
         "transformer_parameters": num_parameters,
-        "steps": step,
+        "steps": len(losses),
         "first_loss": losses[0] if losses else None,
         "final_train_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
         "validation_loss": val_loss,
@@ -517,28 +608,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if accelerator.is_main_process:
         generator = accelerator.unwrap_model(model).eval()
         sample_start = time.perf_counter()
-        torch.manual_seed(args.seed)
-        if names:
-            labels = torch.arange(len(names)).repeat_interleave(args.samples_per_class)
-            columns_in_grid = args.samples_per_class
-        else:
-            labels = None
-            columns_in_grid = math.ceil(math.sqrt(args.num_samples))
-        num = labels.numel() if labels is not None else args.num_samples
-        sampled = sample_tokens(generator, fmt, labels, num, args)
-        images = decode_to_uint8(tokenizer, sampled, layout)
-        image_grid(images, columns_in_grid, args.grid_scale).save(output_dir / "samples.png")
-        record = {"token_ids": sampled.contiguous()}
-        if labels is not None:
-            record["labels"] = labels
-        save_file(record, output_dir / "samples.safetensors")
+        save_samples(args, generator, tokenizer, fmt, tokens, names, output_dir)
         summary["sample_seconds"] = round(time.perf_counter() - sample_start, 2)
-
-        # The tokenizer's round trip of real images of the same classes: what a perfect generator could reach.
-        reference_ids, reference_columns = reference_tokens(tokens, names, args, columns_in_grid)
-        image_grid(decode_to_uint8(tokenizer, reference_ids, layout), reference_columns, args.grid_scale).save(
-            output_dir / "reference.png"
-        )
         generator.save_pretrained(output_dir / "generator")
         (output_dir / "generator" / "token_layout.json").write_text(
             json.dumps({**fmt.to_json(), "tokenizer": str(args.tokenizer), "image_size": image_size,
@@ -550,18 +621,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
-
-
-def reference_tokens(tokens: datasets.Dataset, names, args, columns: int) -> tuple[torch.Tensor, int]:
-    """Stored token ids of real images laid out like the sample grid (the first images of each class)."""
-    if not names:
-        count = min(args.num_samples, len(tokens))
-        return tokens[:count]["input_ids"], columns
-    labels = np.asarray(list(tokens.with_format(None)["label"]))
-    picked = []
-    for label in range(len(names)):
-        picked += np.flatnonzero(labels == label)[: args.samples_per_class].tolist()
-    return tokens[picked]["input_ids"], args.samples_per_class
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ class Evaluation:
             raise ValueError(f"cannot read the metrics file {str(path)!r}: {error}") from error
         return cls(metrics=metrics, dataset=dataset, **kwargs)
 
-    def eval_results(self, model_name: str) -> list[EvalResult]:
+    def eval_results(self) -> list[EvalResult]:
         """The `model-index` entries (one per defined metric) of huggingface_hub's card metadata."""
         return [
             EvalResult(
@@ -134,6 +134,7 @@ class Evaluation:
         ]
 
     def table_rows(self) -> list[dict[str, str]]:
+        """One row (label, value, protocol) per metric for the card's table."""
         return [
             {
                 "label": METRIC_LABELS.get(name, name),
@@ -189,7 +190,7 @@ def render_model_card(
 
     Args:
         config (`OptVQConfig`): the model's configuration.
-        repo_id (`str`, *optional*): the Hub repo the card is for (used in the usage snippet); defaults to a placeholder.
+        repo_id (`str`, *optional*): the Hub repo the card is for (used in the usage snippet); default a placeholder.
         model_name (`str`, *optional*): the card's title and `model-index` name; defaults to the repo's name.
         summary (`str`, *optional*): a paragraph under the title (what data, what for).
         evaluation (`Evaluation`, *optional*): metric values with their dataset and protocol; they go to the table and
@@ -242,7 +243,7 @@ def render_model_card(
         else None,
         base_model=base_model,
         model_name=model_name,
-        eval_results=evaluation.eval_results(model_name) if evaluation else None,
+        eval_results=evaluation.eval_results() if evaluation else None,
     )
     layout = TokenLayout(config.num_codes, config.num_heads, (config.latent_resolution,) * 2, vocabulary="per-head")
     return ModelCard.from_template(
@@ -289,12 +290,14 @@ class UploadSummary:
         return "\n".join(lines)
 
 
-def _human(size: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+def _human(size: float) -> str:
+    if size < 1024:
+        return f"{size:.0f} B"
+    for unit in ("KB", "MB", "GB"):
         size /= 1024
-    return f"{size} B"  # pragma: no cover
+        if size < 1024 or unit == "GB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def files_to_upload(
@@ -336,7 +339,7 @@ def push_folder_to_hub(
         private (`bool`, *optional*): visibility of a newly created repo.
         token (`str`, *optional*): a Hub token; defaults to the logged-in one.
         commit_message (`str`, *optional*): the commit message.
-        revision (`str`, *optional*): the branch to commit to.
+        revision (`str`, *optional*): the branch to commit to (created if missing).
         allow_patterns (`Sequence[str]`, *optional*): upload only matching files.
         ignore_patterns (`Sequence[str]`, *optional*, defaults to `DEFAULT_UPLOAD_IGNORE`): files left out
             (training checkpoints, logs, caches). `.git` and `.cache/huggingface` are always left out.
@@ -364,6 +367,8 @@ def push_folder_to_hub(
         return summary
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    if revision is not None:  # upload_folder needs the branch to exist
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=root,

@@ -367,7 +367,7 @@ class OptVQModel(OptVQPreTrainedModel):
     # -- tokens for sequence models (layouts documented in optvq_hf/tokens.py) ----------------------------------------
     def token_layout(
         self, order: str = "position-major", vocabulary: str = "shared", latent_shape: tuple[int, int] | None = None
-    ) -> "TokenLayout":  # noqa: F821 - imported below, so that this edit stays inside the class
+    ) -> "TokenLayout":  # noqa: F821 - imported in the body (a module-level import would do as well)
         """The `TokenLayout` of this model's indices (`latent_shape` defaults to the configured resolution's grid)."""
         from .tokens import TokenLayout  # relative: copied into saved folders for trust_remote_code
 

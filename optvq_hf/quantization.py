@@ -141,8 +141,11 @@ class _Kernel:
     many entries as possible inside float32's range.
 
     Materialised (`buffer` given), the tiles are views of one (N, K) matrix that holds the distances and is turned
-    into the kernel in place on the first pass. Streaming, each tile is recomputed from the features on every pass
-    into `tile_buffer`, with the same arithmetic, so both modes see bit-identical tiles.
+    into the kernel in place on the first pass; after it, an exp-domain kernel is one tile (the whole matrix), so that
+    each Sinkhorn step is one matrix-vector product (few large operations: the cost of an operation is mostly its
+    memory traffic, and on a busy machine each parallel operation also waits for descheduled threads). Streaming,
+    each tile is recomputed from the features on every pass into `tile_buffer`, with the same arithmetic, so both
+    modes see bit-identical kernel entries.
     """
 
     def __init__(self, distances: _DistanceTiles, buffer: torch.Tensor | None, tile_buffer: torch.Tensor | None,
@@ -156,6 +159,9 @@ class _Kernel:
 
     def tiles(self):
         """(start, stop, tile) over the row tiles."""
+        if self.buffer is not None and self._transformed and self.exp_domain:
+            yield 0, self.buffer.shape[0], self.buffer
+            return
         for start, stop in self.ranges():
             if self.buffer is None:
                 distances = self.distances.compute(slice(start, stop), out=self.tile_buffer[: stop - start])
@@ -184,9 +190,6 @@ class _Kernel:
 class _ExpDomain:
     """Sums over exp(A) as float32 matrix-vector products, each checked against float32 underflow."""
 
-    def __init__(self, scratch: torch.Tensor):
-        self.scratch = scratch
-
     def row_lse(self, tile: torch.Tensor, code_potential: torch.Tensor):
         offset = code_potential.max()
         mass = torch.mv(tile, (code_potential - offset).exp().float())
@@ -197,8 +200,8 @@ class _ExpDomain:
         return _ExpColumns(num_codes, total_rows, device)
 
     def argmax(self, tile: torch.Tensor, code_potential: torch.Tensor):
-        weights = (code_potential - code_potential.max()).exp().float()
-        best, indices = torch.mul(tile, weights, out=self.scratch[: tile.shape[0]]).max(dim=1)
+        # In place: the argmax is the kernel's last use.
+        best, indices = tile.mul_((code_potential - code_potential.max()).exp().float()).max(dim=1)
         return indices, best < _ARGMAX_FLOOR
 
 
@@ -242,8 +245,8 @@ class _LogDomain:
         return _LogColumns(num_codes, device, self.scratch)
 
     def argmax(self, tile: torch.Tensor, code_potential: torch.Tensor):
-        shifted = torch.add(tile, (code_potential - code_potential.max()).float(), out=self.scratch[: tile.shape[0]])
-        return shifted.argmax(dim=1), None
+        # In place: the argmax is the kernel's last use.
+        return tile.add_((code_potential - code_potential.max()).float()).argmax(dim=1), None
 
 
 class _LogColumns:
@@ -382,7 +385,7 @@ class _SinkhornSolver:
         scale = self.kernel_scale(std, codes.shape[1])
         exp_domain = largest_range * scale <= EXP_DOMAIN_MAX_SPREAD
         kernel = _Kernel(distances, buffer, tile_buffer, tile_rows, row_min, code_shift, scale, exp_domain)
-        return self.iterate(kernel, _ExpDomain(scratch) if exp_domain else _LogDomain(scratch))
+        return self.iterate(kernel, _ExpDomain() if exp_domain else _LogDomain(scratch))
 
     def iterate(self, kernel: _Kernel, domain) -> torch.Tensor:
         device = kernel.row_min.device

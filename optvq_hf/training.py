@@ -448,6 +448,7 @@ __all__ = [
     "check_process_group",
     "checkpoint_step",
     "coerce",
+    "field_types",
     "find_latest_checkpoint",
     "kmeans",
     "kmeans_init_codebook",

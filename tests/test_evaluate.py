@@ -196,6 +196,15 @@ def test_bad_flags_raise_a_clear_error(model_dir, image_folder, tmp_path, flags,
         run(model_dir, image_folder, tmp_path, *flags)
 
 
+def test_an_unreadable_image_is_named(model_dir, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    PIL.Image.new("RGB", (32, 32), (10, 200, 30)).save(folder / "good.png")
+    (folder / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ValueError, match="unreadable image .*truncated.png"):
+        run(model_dir, folder, tmp_path / "out", "--metrics", "psnr")
+
+
 def test_missing_data_source_and_folder(model_dir, tmp_path):
     with pytest.raises(ValueError, match="exactly one of --dataset_name"):
         evaluate_example.main(["--model", str(model_dir)])

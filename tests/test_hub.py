@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, AutoModel
 
 import optvq_hf
-from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
-from optvq_hf import hub
+from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel, hub
 from optvq_hf.hub import Evaluation, push_folder_to_hub, render_model_card
 
 METRICS = {"psnr": 21.25, "ssim": 0.625, "lpips": 0.1875, "rfid": None, "usage": 1.0}
@@ -58,7 +57,8 @@ def test_card_metadata_parses_back_with_the_metric_values():
     assert {name: r.metric_value for name, r in results.items()} == {"psnr": 21.25, "ssim": 0.625, "lpips": 0.1875,
                                                                      "usage": 1.0}  # fmt: skip
     psnr = results["psnr"]
-    assert (psnr.task_type, psnr.dataset_type, psnr.dataset_split) == ("image-to-image", "ILSVRC/imagenet-1k", "validation")
+    assert (psnr.task_type, psnr.dataset_type) == ("image-to-image", "ILSVRC/imagenet-1k")
+    assert psnr.dataset_split == "validation"
     assert "model-index" in data.to_dict()
 
 
@@ -152,7 +152,8 @@ class ForbiddenApi:
 def test_dry_run_lists_the_model_files_only(output_folder, monkeypatch, capsys):
     monkeypatch.setattr(hub, "HfApi", ForbiddenApi)
     summary = push_folder_to_hub(output_folder, "someone/optvq-tiny", dry_run=True)
-    assert summary.files == [("README.md", 21), ("config.json", 2), ("model.safetensors", 1000), ("samples/grid.png", 10)]
+    expected = [("README.md", 21), ("config.json", 2), ("model.safetensors", 1000), ("samples/grid.png", 10)]
+    assert summary.files == expected
     assert summary.total_bytes == 1033 and summary.dry_run and summary.commit_url is None
     printed = capsys.readouterr().out
     assert "would upload 4 files" in printed and "someone/optvq-tiny" in printed and "model.safetensors" in printed
@@ -235,7 +236,10 @@ def test_saved_folder_carries_the_code_and_auto_map(saved_folder):
     folder, _, _, _ = saved_folder
     assert REMOTE_CODE_FILES <= {p.name for p in folder.iterdir()}
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_optvq.OptVQConfig", "AutoModel": "modeling_optvq.OptVQModel"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_optvq.OptVQConfig",
+        "AutoModel": "modeling_optvq.OptVQModel",
+    }
     assert config["model_type"] == "optvq"
     processor = json.loads((folder / "preprocessor_config.json").read_text())
     assert processor["auto_map"] == {"AutoImageProcessor": "image_processing_optvq.OptVQImageProcessor"}
@@ -249,7 +253,7 @@ def test_auto_classes_load_the_folder_with_the_package(saved_folder):
     folder, model, reference, _ = saved_folder
     loaded = AutoModel.from_pretrained(folder).eval()
     assert type(loaded) is OptVQModel
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     with torch.no_grad():
         out = loaded(reference["pixels"])

@@ -154,3 +154,15 @@ def test_a_second_run_reuses_the_tokens(finished_run, tokenizer_dir, tmp_path, m
 def test_bad_flags_raise(extra, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train_ar.parse_args(["--tokenizer", "t", "--output_dir", str(tmp_path), *extra])
+
+
+def test_the_demo_config_file_sets_the_flags_and_the_command_line_wins(tmp_path):
+    config = EXAMPLE.parent / "configs" / "ar_tiny.yaml"
+    args = train_ar.parse_args(["--config", str(config), "--tokenizer", "t", "--max_train_steps", "7"])
+    assert (args.image_size, args.num_layers, args.temperature, args.eval_every) == (16, 3, 0.8, 100)
+    assert args.max_train_steps == 7 and args.output_dir == "outputs/ar-digits"
+    (tmp_path / "bad.yaml").write_text("tokenizer: t\nnum_layer: 2\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_layer'\]"):
+        train_ar.parse_args(["--config", str(tmp_path / "bad.yaml")])
+    (tmp_path / "good.yaml").write_text("tokenizer: from-the-file\n")
+    assert train_ar.parse_args(["--config", str(tmp_path / "good.yaml")]).tokenizer == "from-the-file"

@@ -342,6 +342,8 @@ def test_kmeans_init_with_several_heads():
         ({"loss": {"perceptual_weight": 1.0, "perceptual_pretrained": False, "disc_in_channels": 1},
           "model": {**SMALL_MODEL, "in_channels": 1, "out_channels": 1}}, "LPIPS needs RGB images"),  # fmt: skip
         ({"dataset_name": "builtin:digits", "train_data_dir": "/tmp"}, "exactly one data source"),
+        pytest.param({"report_to": "wandb"}, "needs wandb: pip install wandb",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
     ],
 )
 def test_bad_config_fields_fail_before_training(tmp_path, fields, message):
