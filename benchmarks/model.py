@@ -160,7 +160,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+               else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads "
+                    f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})")
     options = [name for name in ("channels_last", "bf16", "compile") if getattr(args, name)] or ["fp32"]
     print(f"machine: {machine}; torch {torch.__version__}; options: {', '.join(options)}")
     print(f"{'config':<8} {'attention':<9} {'phase':<7} {'batch':>5} {'ms/call':>9} {'images/s':>9} "

@@ -321,7 +321,8 @@ def describe_machine(device: torch.device) -> str:
             processor = re.search(r"model name\s*:\s*(.*)", handle.read()).group(1)
     except (OSError, AttributeError):
         pass
-    return f"{processor}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return (f"{processor}, {os.cpu_count()} cores, {torch.get_num_threads()} threads "
+            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), torch {torch.__version__}")
 
 
 def format_bytes(value: float | None) -> str:

@@ -63,7 +63,6 @@ import PIL.Image
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
@@ -92,7 +91,6 @@ from optvq_hf.training import (
     save_checkpoint,
 )
 
-logger = get_logger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 LR_SCHEDULERS = ("constant", "one_cycle", "cosine", "linear")
 DECAYED_LAYERS = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)  # weight decay on their weights only

@@ -535,7 +535,9 @@ def sklearn_digits() -> tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError(f"the built-in dataset {DIGITS!r} needs scikit-learn: pip install 'optvq-hf[demo]'") from error
+        raise ImportError(
+            f"the built-in dataset {DIGITS!r} needs scikit-learn: pip install 'optvq-hf[demo]'"
+        ) from error
     images = load_digits().images  # float 0..16
     pil = [PIL.Image.fromarray(np.round(image * (255.0 / 16.0)).astype(np.uint8)) for image in images]
     return pil[:-DIGITS_VALIDATION_COUNT], pil[-DIGITS_VALIDATION_COUNT:]

@@ -36,7 +36,7 @@ def image_folder(tmp_path):
     return tmp_path
 
 
-# ---------------------------------------------------------------------------------------------------------------- transforms
+# ---------------------------------------------------------------------------------------------------------- transforms
 def test_full_scale_crop_of_a_square_image_is_the_image_or_its_mirror():
     image = smooth_image(0, size=(16, 16))
     expected = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1
@@ -78,7 +78,7 @@ def test_augmentation_depends_only_on_seed_epoch_and_index():
     assert not torch.equal(dataset[(0, 1)], other_seed[(0, 1)])
 
 
-# ------------------------------------------------------------------------------------------------------- order of batches
+# ---------------------------------------------------------------------------------------------------- order of batches
 def test_processes_split_the_single_process_global_batch():
     single = list(GlobalBatchSampler(23, batch_size=6, num_processes=1, rank=0, seed=3, epoch=2))
     ranks = [list(GlobalBatchSampler(23, batch_size=3, num_processes=2, rank=r, seed=3, epoch=2)) for r in range(2)]
@@ -116,7 +116,7 @@ def test_too_few_images_for_one_global_batch():
         TrainBatches(dataset, batch_size=2, num_processes=2, rank=0, seed=0)
 
 
-# --------------------------------------------------------------------------------------------------------------- loading
+# ------------------------------------------------------------------------------------------------------------- loading
 def test_imagefolder_holds_out_a_seeded_validation_split(image_folder):
     splits = load_image_splits(train_data_dir=str(image_folder), num_validation_images=2, seed=0)
     assert (len(splits.train), len(splits.validation)) == (4, 2)

@@ -268,6 +268,15 @@ REMOTE_SCRIPT = textwrap.dedent(
     """
     import sys
     sys.path.extend(SITE_DIRS)  # the installed dependencies, without the .pth files that install optvq_hf's finder
+
+
+    class HidePackage:  # a regular (non-editable) install puts optvq_hf into site-packages itself: hide it too
+        def find_spec(self, name, path=None, target=None):
+            if name == "optvq_hf" or name.startswith("optvq_hf."):
+                raise ImportError(f"{name} is hidden in this check")
+
+
+    sys.meta_path.insert(0, HidePackage())
     try:
         import optvq_hf
     except ImportError:

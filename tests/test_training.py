@@ -190,7 +190,8 @@ def test_resume_equals_the_uninterrupted_run_and_skips_an_interrupted_checkpoint
     report = run(config, interrupted, "--resume_from_checkpoint", "latest")
     assert report["steps_this_run"] == 3 and report["global_step"] == 6
     assert_same(final_weights(interrupted), final_weights(reference))
-    assert_same(load_file(interrupted / "ema" / "model.safetensors"), load_file(reference / "ema" / "model.safetensors"))
+    ema = [load_file(out / "ema" / "model.safetensors") for out in (interrupted, reference)]
+    assert_same(*ema)
     discriminator = [load_file(out / "checkpoint-6" / "model_1.safetensors") for out in (interrupted, reference)]
     assert_same(*discriminator)
     assert report["validation"] == json.loads((reference / "report.json").read_text())["validation"]
@@ -398,7 +399,8 @@ def test_example_configs_hold_the_original_hyperparameters(tmp_path):
     for heads in (4, 8):
         name = f"imagenet_16x16x{heads}"
         config, model, loss = configs[name], models[name], losses[name]
-        assert (model.num_heads, model.num_codes, model.latent_resolution, model.code_dim) == (heads, 16384, 16, 256 // heads)
+        shape = (model.num_heads, model.num_codes, model.latent_resolution, model.code_dim)
+        assert shape == (heads, 16384, 16, 256 // heads)
         assert (loss.perceptual_weight, loss.disc_start, loss.l1_weight, loss.l2_weight) == (3.0, 150_000, 1.0, 1.0)
         assert config.learning_rate * 8 * config.train_batch_size == pytest.approx(2.88e-4)  # scale_lr, 8 GPUs
         assert config.scale_lr and config.lr_scheduler == "one_cycle" and config.num_train_epochs == 50
