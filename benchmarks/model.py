@@ -1,8 +1,8 @@
 """Throughput (images/s) and peak memory of OptVQModel: encode, decode and a full training step (forward + backward).
 
-Each configuration runs twice: with diffusers' default attention (`AttnProcessor2_0`, PyTorch's fused
+Each configuration runs with diffusers' default attention (`AttnProcessor2_0`, PyTorch's fused
 scaled_dot_product_attention) and with plain attention (`AttnProcessor`: explicit softmax(QK^T)V, as the original
-OptVQ computes it), same weights. Options: channels-last memory format, bfloat16 autocast, `torch.compile` of the
+OptVQ computes it), same weights, the two models called in turn. Options: channels-last memory format, bfloat16 autocast, `torch.compile` of the
 encoder and decoder (the quantizer always runs eagerly in float32).
 
     python benchmarks/model.py                                  # CPU: small batches; CUDA when available: batch 32
@@ -13,7 +13,8 @@ encoder and decoder (the quantizer always runs eagerly in float32).
 Configurations: `default` is `OptVQConfig()` (256x256 images, 16x16x4 tokens, 16384 codes, 73 M parameters);
 `small` is a 64x64 model (8x8x4 tokens, 1024 codes). Phases: `encode` and `decode` in eval mode without gradients
 (nearest-code assignment), `train` = training-mode forward + L1 reconstruction loss + quantizer loss + backward
-(Sinkhorn assignment over the batch). Time: median of `--repeats` calls after `--warmup` calls (CUDA events on GPU).
+(Sinkhorn assignment over the batch). Time: median of `--repeats` calls after `--warmup` calls (CUDA events on GPU),
+the two attention variants interleaved call by call.
 Memory: peak above what was allocated before the call: `torch.cuda.max_memory_allocated` on GPU; on CPU the peak
 resident set (Linux /proc/self/clear_refs + VmHWM, with glibc told to return freed memory at once; the script re-runs
 itself with those settings).
@@ -93,41 +94,55 @@ def _status_kib(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE).group(1))
 
 
-def measure(phase, model, images, quantized, args, device):
-    """(median seconds, peak bytes above the memory in use before the call); the memory comes from the last call."""
-    for _ in range(args.warmup):
-        phase_call(phase, model, images, quantized, args)
-    times, peak = [], None
-    for repeat in range(args.repeats):
-        last = repeat == args.repeats - 1
-        model.zero_grad(set_to_none=True)
-        if last:
-            gc.collect()
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            if last:
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-            begin.record()
-            phase_call(phase, model, images, quantized, args)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(begin.elapsed_time(end) / 1000)
-            if last:
-                peak = torch.cuda.max_memory_allocated(device) - before
-        else:
-            if last and sys.platform.startswith("linux"):
-                before = _status_kib("VmRSS")
-                with open("/proc/self/clear_refs", "w") as handle:
-                    handle.write("5")  # VmHWM := VmRSS
-            begin = time.perf_counter()
-            phase_call(phase, model, images, quantized, args)
-            times.append(time.perf_counter() - begin)
-            if last and sys.platform.startswith("linux"):
-                peak = (_status_kib("VmHWM") - before) * 1024
+def timed_call(phase, model, images, quantized, args, device, measure_memory: bool):
+    """(seconds, peak bytes above the memory in use before the call, or None)."""
     model.zero_grad(set_to_none=True)
-    return statistics.median(times), peak
+    peak = None
+    if measure_memory:
+        gc.collect()
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        if measure_memory:
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        begin.record()
+        phase_call(phase, model, images, quantized, args)
+        end.record()
+        torch.cuda.synchronize()
+        if measure_memory:
+            peak = torch.cuda.max_memory_allocated(device) - before
+        return begin.elapsed_time(end) / 1000, peak
+    measure_memory = measure_memory and sys.platform.startswith("linux")
+    if measure_memory:
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # VmHWM := VmRSS
+    begin = time.perf_counter()
+    phase_call(phase, model, images, quantized, args)
+    seconds = time.perf_counter() - begin
+    if measure_memory:
+        peak = (_status_kib("VmHWM") - before) * 1024
+    return seconds, peak
+
+
+def measure(phase, models, images, quantized, args, device):
+    """Per attention variant: (median seconds, peak bytes of the last call). The variants are interleaved call by
+    call, so that the load of other processes falls on both alike."""
+    for attention, model in models.items():
+        for _ in range(args.warmup):
+            phase_call(phase, model, images, quantized[attention], args)
+    times = {attention: [] for attention in models}
+    peaks = {}
+    for repeat in range(args.repeats):
+        for attention, model in models.items():
+            seconds, peak = timed_call(phase, model, images, quantized[attention], args, device,
+                                       measure_memory=repeat == args.repeats - 1)
+            times[attention].append(seconds)
+            peaks[attention] = peak
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+    return {attention: (statistics.median(times[attention]), peaks[attention]) for attention in models}
 
 
 def format_bytes(value) -> str:
@@ -173,17 +188,18 @@ def main() -> None:
         images = (torch.rand(batch, 3, config.resolution, config.resolution, generator=generator) * 2 - 1).to(device)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        models = {attention: build_model(config_name, attention == "plain", args, device)
+                  for attention in args.attention}
+        with torch.no_grad():
+            quantized = {attention: model.eval().encode(images).quantized for attention, model in models.items()}
         results = {}
-        for attention in args.attention:
-            model = build_model(config_name, attention == "plain", args, device)
-            with torch.no_grad():
-                quantized = model.eval().encode(images).quantized
-            for phase in args.phases:
-                results[attention, phase] = measure(phase, model, images, quantized, args, device)
-            del model, quantized
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        for phase in args.phases:
+            for attention, result in measure(phase, models, images, quantized, args, device).items():
+                results[attention, phase] = result
+        del models, quantized
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         for attention in args.attention:
             for phase in args.phases:
                 seconds, peak = results[attention, phase]

@@ -4,6 +4,7 @@ Compares, in one run and on the same inputs:
 
 - `optvq`: this package's `SinkhornQuantizer` (materialised: one (N, K) matrix),
 - `optvq-stream`: the same in streaming mode (no (N, K) matrix; tiles recomputed on every pass),
+- `optvq-log` (only with --methods): `optvq` forced into the log domain (what the exp domain's certificate saves),
 - `original`: the original OptVQ algorithm written straight from its formulas (cdist, (D - mean) / (std + 1e-6),
   minus the min, exp, 5 in-place scaling iterations with the +1e-8 guards, argmax), the baseline the paper's users run,
 - `nearest`: this package's `VectorQuantizer` (nearest code), the floor of what any assignment costs,
@@ -52,6 +53,7 @@ from optvq_hf import SinkhornQuantizer, VectorQuantizer
 HEADS = 4
 DEFAULT_SIZES = ["4096,1024,64", "16384,4096,64", "32768,16384,64"]
 METHODS = ["original", "optvq", "optvq-stream", "nearest", "vq-pytorch"]
+EXTRA_METHODS = ["optvq-log"]  # on request: the solver forced into the log domain
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -68,6 +70,19 @@ def original_sinkhorn(cost: torch.Tensor, iterations: int, epsilon: float) -> to
         plan /= num_rows
     plan *= num_rows
     return plan.t()
+
+
+class LogDomainSinkhornQuantizer(SinkhornQuantizer):
+    """This package's quantizer with the solver forced into the log domain, for comparison."""
+
+    def forward(self, z: torch.Tensor):
+        import optvq_hf.quantization as quantization
+
+        limit, quantization.EXP_DOMAIN_MAX_SPREAD = quantization.EXP_DOMAIN_MAX_SPREAD, -1.0
+        try:
+            return super().forward(z)
+        finally:
+            quantization.EXP_DOMAIN_MAX_SPREAD = limit
 
 
 class OriginalSinkhornQuantizer(nn.Module):
@@ -118,6 +133,8 @@ def build(method: str, num_codes: int, code_dim: int, device: torch.device) -> n
         module = OriginalSinkhornQuantizer(num_codes, embed_dim, HEADS)
     elif method in ("optvq", "optvq-stream"):
         module = SinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=method == "optvq-stream")
+    elif method == "optvq-log":
+        module = LogDomainSinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=False)
     elif method == "nearest":
         module = VectorQuantizer(num_codes, embed_dim, HEADS)
     elif method == "vq-pytorch":
@@ -127,7 +144,7 @@ def build(method: str, num_codes: int, code_dim: int, device: torch.device) -> n
                                 separate_codebook_per_head=False, accept_image_fmap=True)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method in ("optvq", "optvq-stream", "original"):
+    if method in ("optvq", "optvq-stream", "optvq-log", "original"):
         module.load_state_dict(reference)
     return module.to(device).train()
 
@@ -155,7 +172,8 @@ def clear_grads(module: nn.Module, z: torch.Tensor) -> None:
 
 def estimated_peak_bytes(method: str, num_rows: int, num_codes: int) -> float:
     """Rough peak, to skip cases that cannot fit: in (N, K) float32 matrices, from the code of each method."""
-    matrices = {"original": 4.5, "vq-pytorch": 4.0, "optvq": 1.1, "optvq-stream": 0.05, "nearest": 0.3}[method]
+    matrices = {"original": 4.5, "vq-pytorch": 4.0, "optvq": 1.1, "optvq-log": 1.1, "optvq-stream": 0.05,
+                "nearest": 0.3}[method]
     return matrices * num_rows * num_codes * 4
 
 
@@ -325,6 +343,10 @@ def describe_machine(device: torch.device) -> str:
             f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), torch {torch.__version__}")
 
 
+def ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}x"
+
+
 def format_bytes(value: float | None) -> str:
     if value is None:
         return "-"
@@ -334,7 +356,7 @@ def format_bytes(value: float | None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=DEFAULT_SIZES, help="N,K,d triples (N rows, K codes, d dims)")
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + EXTRA_METHODS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -343,6 +365,8 @@ def main() -> None:
                         help="skip a case whose estimated peak exceeds this (default: 20 on CPU, the free GPU memory)")
     parser.add_argument("--no-memory", action="store_true", help="time only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--busy-processes", type=int, default=0,
+                        help="start this many busy-looping processes for the run: the load of a shared machine")
     parser.add_argument("--spreads", action="store_true", help="only report which solver path real inputs take")
     parser.add_argument("--memory-case", nargs=4, metavar=("METHOD", "N", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -358,6 +382,15 @@ def main() -> None:
     if args.spreads:
         report_spreads()
         return
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_processes)]
+    try:
+        run(args)
+    finally:
+        for process in busy:
+            process.kill()
+
+
+def run(args) -> None:
     device = torch.device(args.device)
     methods = [m for m in args.methods if m != "vq-pytorch" or vq_pytorch_available()]
     if "vq-pytorch" in args.methods and "vq-pytorch" not in methods:
@@ -368,7 +401,8 @@ def main() -> None:
         budget = 0.9 * torch.cuda.mem_get_info(device)[0]
     else:
         budget = 20 * 2**30
-    print(f"machine: {describe_machine(device)}")
+    print(f"machine: {describe_machine(device)}" + (f"; {args.busy_processes} busy processes beside it"
+                                                     if args.busy_processes else ""))
     print(f"training-mode forward + backward; {HEADS} heads; epsilon 10, 5 Sinkhorn iterations; time = median; "
           f"memory = peak above the inputs ({'max_memory_allocated' if device.type == 'cuda' else 'peak RSS'})")
     header = (f"{'N':>6} {'K':>6} {'d':>3}  {'method':<13} {'time ms':>10} {'vs original':>11} {'vs nearest':>10} "
@@ -392,7 +426,7 @@ def main() -> None:
         reference = comparable_indices("optvq", indices["optvq"]) if "optvq" in indices else None
         for method in fitting:
             same = "-"
-            if reference is not None and method in ("original", "optvq-stream"):
+            if reference is not None and method in ("original", "optvq-stream", "optvq-log"):
                 same = f"{(comparable_indices(method, indices[method]) == reference).float().mean().item():.4%}"
             rows.append((num_rows, num_codes, code_dim, method, times[method] * 1e3,
                          times[method] / times["original"] if "original" in times else math.nan,
@@ -403,8 +437,8 @@ def main() -> None:
     print(header)
     for num_rows, num_codes, code_dim, method, milliseconds, vs_original, vs_nearest, peak, memory_ratio, same, calls \
             in rows:
-        print(f"{num_rows:>6} {num_codes:>6} {code_dim:>3}  {method:<13} {milliseconds:>10.1f} {vs_original:>10.2f}x "
-              f"{vs_nearest:>9.2f}x {format_bytes(peak):>12} {memory_ratio:>10.2f}x {same:>17}")
+        print(f"{num_rows:>6} {num_codes:>6} {code_dim:>3}  {method:<13} {milliseconds:>10.1f} {ratio(vs_original):>11} "
+              f"{ratio(vs_nearest):>10} {format_bytes(peak):>12} {ratio(memory_ratio):>11} {same:>17}")
     print(f"(median of {args.repeats} calls after {args.warmup} warm-up, fewer where --max-seconds cut a size short)")
 
 

@@ -30,8 +30,8 @@ EXP_DOMAIN_MAX_SPREAD = 400.0
 # Streaming (no (N, K) matrix at all) is chosen automatically when one float32 (N, K) matrix would exceed this.
 STREAMING_MIN_BYTES = 4 * 2**30
 
-# On CPU the solver walks the (N, K) matrix in row tiles of about this many entries (4 MiB), so that the several
-# operations on one tile find it in the cache; on a GPU a tile has `chunk_size` rows.
+# On CPU the solver computes and transforms the (N, K) matrix in row tiles of about this many entries (4 MiB), so that
+# the several operations on a tile find it in the cache; on a GPU a tile has `chunk_size` rows.
 CPU_TILE_ENTRIES = 2**20
 
 # The exp domain's underflow certificate. The log-kernel is clamped at _LOG_FLOOR before exponentiation, so every
@@ -115,8 +115,9 @@ def _all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
 class _DistanceTiles:
     """
     Euclidean distances between rows and codes by blocks, with the arithmetic of `torch.cdist` (one matrix product of
-    the rows and codes augmented with their squared norms, then clamp and sqrt): a block of rows holds the values that
-    `torch.cdist` gives for them, whatever the blocking.
+    the rows and codes augmented with their squared norms, then clamp and sqrt), written into a given buffer: a block
+    of rows holds the values `torch.cdist` gives for them (bit for bit on the CPUs tried, whatever the blocking; a GPU
+    library may pick another kernel for another shape and round differently).
     """
 
     def __init__(self, rows: torch.Tensor, codes: torch.Tensor):
@@ -160,7 +161,8 @@ class _Kernel:
     def tiles(self):
         """(start, stop, tile) over the row tiles."""
         if self.buffer is not None and self._transformed and self.exp_domain:
-            yield 0, self.buffer.shape[0], self.buffer
+            if self.buffer.shape[0]:  # a rank may hold no rows
+                yield 0, self.buffer.shape[0], self.buffer
             return
         for start, stop in self.ranges():
             if self.buffer is None:
@@ -286,9 +288,11 @@ class _SinkhornSolver:
     - Materialised mode: one (N, K) float32 buffer holds the distances, then the kernel in place. Streaming mode: no
       (N, K) matrix; each row tile is recomputed from the features on every pass (memory O(tile x K)). Same tiles,
       same arithmetic: identical assignments.
-    - `iterations + 2` passes over the tiles: the first computes the distances and every statistic the normalisation
-      needs (mean and std by per-tile sums, row minima, code shifts, spread); each later one does a row step and the
-      next column step on a tile while it is in the cache; the last takes the argmax.
+    - `iterations + 2` passes: the first computes the distances and every statistic the normalisation needs (mean and
+      std by per-tile sums, row minima, code shifts, spread) tile by tile; the second makes the kernel and the first
+      column step; each later one does a row step and the next column step (on each tile in turn when streaming, so
+      that a recomputed tile serves both; as two matrix-vector products over the whole matrix when materialised); the
+      last takes the argmax.
     - Exp domain (spread up to EXP_DOMAIN_MAX_SPREAD): the kernel is exponentiated once and every step is a float32
       matrix-vector product whose result is checked against underflow; the few sums it cannot vouch for (rows or
       codes far from everything) are recomputed exactly in the log domain from the features. Log domain (beyond):
@@ -392,7 +396,8 @@ class _SinkhornSolver:
         num_rows, num_codes = kernel.row_min.shape[0], kernel.code_shift.shape[0]
         total_rows = self.total_rows(num_rows, device)
         log_rows, log_codes = math.log(total_rows), math.log(num_codes)
-        # The row potentials start at minus the row shift: the unshifted kernel from uniform row weights.
+        # The row potentials start at -scale * row_min, those of the unshifted kernel exp(-scale * D) from uniform row
+        # weights, as in the original.
         row_potential = kernel.row_min.double() * -kernel.scale
         code_potential = None
         for iteration in range(self.iterations):

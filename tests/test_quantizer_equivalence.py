@@ -4,7 +4,7 @@ quantizer's loss and gradients follow from them. Also: the memory the modes prom
 
 import pytest
 import torch
-from original_formulas import original_indices
+from original_formulas import normalize_cost, original_indices, original_plan
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import optvq_hf.quantization as quantization
@@ -71,10 +71,12 @@ def test_both_domains_equal_the_float64_formulas(mode, epsilon, streaming, small
 
 
 def test_underflowing_rows_and_codes_are_repaired_exactly(small_tiles, monkeypatch):
-    # Outlying rows and codes: in float32 their kernel entries underflow; the original's own float32 code gets
-    # them wrong. The exp domain detects each sum it cannot vouch for and recomputes it from the features.
+    # Outlying rows and codes: in float32 their kernel entries underflow, and the original's own float32 code assigns
+    # the outlying rows wrongly. The exp domain detects each sum it cannot vouch for and recomputes it exactly.
     rows, codes = features_and_codes(800, 128, 16, seed=2, outliers=True)
     expected = original_indices(rows, codes, epsilon=20.0)
+    cost = normalize_cost(torch.cdist(rows, codes), "all", 16)
+    assert (original_plan(cost, 20.0, 5, guard=1e-8).argmax(dim=1)[:3] != expected[:3]).all()
     monkeypatch.setattr(quantization, "EXP_DOMAIN_MAX_SPREAD", 1e9)
     repairs = RepairCounter(monkeypatch)
     indices = solve(rows, codes, epsilon=20.0)
@@ -114,6 +116,17 @@ def test_streaming_is_chosen_above_the_memory_threshold(monkeypatch):
     assert not quantization._SinkhornSolver(10.0, 5, "all", 64, False, streaming=False).uses_streaming(10**6, 10**6)
     with pytest.raises(ValueError, match="streaming"):
         SinkhornQuantizer(32, 8, streaming="auto")
+
+
+def test_quantizer_streaming_flag_changes_nothing_but_memory():
+    torch.manual_seed(0)
+    quantizers = [SinkhornQuantizer(96, 32, num_heads=4, chunk_size=40, streaming=mode) for mode in (False, True)]
+    quantizers[1].load_state_dict(quantizers[0].state_dict())
+    z = torch.randn(3, 32, 5, 5)
+    materialised, streamed = (quantizer.train()(z) for quantizer in quantizers)
+    assert torch.equal(materialised.indices, streamed.indices)
+    assert torch.equal(materialised.quantized, streamed.quantized) and torch.equal(materialised.loss, streamed.loss)
+    assert "streaming=True" in repr(quantizers[1])
 
 
 # -- memory: which (N, K) matrices exist -------------------------------------------------------------------------------
