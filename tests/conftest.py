@@ -39,19 +39,7 @@ def tiny_config_kwargs(**overrides) -> dict:
 
 def official_tiny_config_kwargs(**overrides) -> dict:
     """The architecture of the fixture checkpoint in tests/fixtures/official-tiny."""
-    kwargs = dict(
-        resolution=32,
-        base_channels=32,
-        channel_multipliers=(1, 2, 2),
-        num_res_blocks=1,
-        attn_resolutions=(8,),
-        latent_channels=32,
-        embed_dim=32,
-        num_heads=4,
-        num_codes=64,
-    )
-    kwargs.update(overrides)
-    return kwargs
+    return tiny_config_kwargs(**{"channel_multipliers": (1, 2, 2), "attn_resolutions": (8,), **overrides})
 
 
 @pytest.fixture
