@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast lint demo clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-test: install
+test: install lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) tests
+
+# Without the multi-process, subprocess and end-to-end tests (marked slow): under a minute.
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS) -m "not slow" tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The offline training default: a tiny tokenizer on scikit-image's sample photos, on CPU (examples/configs/tiny.yaml);
 # writes the model, reconstruction.png and report.md into outputs/tiny.

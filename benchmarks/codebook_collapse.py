@@ -31,7 +31,7 @@ images in eval mode (nearest-code assignment for both):
 - L1: mean |reconstruction - image| in [-1, 1] units (the training loss's L1);
 - PSNR: per-image PSNR in dB on all channels, images in [0, 1], averaged (`optvq_hf.metrics.psnr`, y_channel=False).
 
-Data (offline, from `optvq_hf.data`; needs the `demo` extra: scikit-image and scikit-learn):
+Data (offline, from `optvq_hf.training.data`; needs the `demo` extra: scikit-image and scikit-learn):
 
 - photos: random square crops (flipped at random) of scikit-image's sample photographs, resized to 32x32; the
   validation set is the non-overlapping tiles of two whole photographs held out from training (coffee, camera), at
@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 
 from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
-from optvq_hf.data import RandomCropTransform, skimage_photos, sklearn_digits
 from optvq_hf.metrics import codebook_usage, perplexity, psnr
+from optvq_hf.training.data import RandomCropTransform, skimage_photos, sklearn_digits
 
 QUANTIZERS = ("optvq", "vq")
 DATASETS = ("photos", "digits")
@@ -102,9 +102,11 @@ def photo_data(resolution: int, batch_size: int, seed: int, tile_fraction: float
     processor = OptVQImageProcessor(resolution=resolution)
     validation = processor(tiles)["pixel_values"]
     side = tiles[0].width
-    description = (f"{len(photos)} training photos, random crops of {round(scale[0] ** 0.5 * side / tile_fraction)}"
-                   f"-{round(scale[1] ** 0.5 * side / tile_fraction)} px resized to {resolution}; validation: "
-                   f"{len(tiles)} non-overlapping {side}x{side} tiles of 2 held-out photos")  # fmt: skip
+    description = (
+        f"{len(photos)} training photos, random crops of {round(scale[0] ** 0.5 * side / tile_fraction)}"
+        f"-{round(scale[1] ** 0.5 * side / tile_fraction)} px resized to {resolution}; validation: "
+        f"{len(tiles)} non-overlapping {side}x{side} tiles of 2 held-out photos"
+    )
     return BenchmarkData("photos", 3, train_batch, validation, description)
 
 
@@ -128,10 +130,17 @@ def digit_data(resolution: int, batch_size: int, seed: int) -> BenchmarkData:
 # ---------------------------------------------------------------------------------------------------------------------
 def build_model(args: argparse.Namespace, channels: int, num_codes: int, quantizer_type: str) -> OptVQModel:
     config = OptVQConfig(
-        resolution=args.resolution, in_channels=channels, out_channels=channels, backbone="simple_cnn",
-        base_channels=args.base_channels, latent_channels=args.latent_channels, embed_dim=args.embed_dim,
-        num_heads=args.num_heads, num_codes=num_codes, quantizer_type=quantizer_type,
-    )  # fmt: skip
+        resolution=args.resolution,
+        in_channels=channels,
+        out_channels=channels,
+        backbone="simple_cnn",
+        base_channels=args.base_channels,
+        latent_channels=args.latent_channels,
+        embed_dim=args.embed_dim,
+        num_heads=args.num_heads,
+        num_codes=num_codes,
+        quantizer_type=quantizer_type,
+    )
     torch.manual_seed(args.seed)
     return OptVQModel(config)
 
@@ -207,17 +216,23 @@ def same_initial_weights(a: OptVQModel, b: OptVQModel) -> bool:
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
 def print_table(name: str, num_codes: int, rows: dict[str, list[dict]], seconds: dict[str, float]) -> None:
-    print(f"\n{name}, K = {num_codes} codes (training time: "
-          + ", ".join(f"{q} {seconds[q]:.0f} s" for q in QUANTIZERS) + ")")  # fmt: skip
-    print("| step | quantizer | usage (nearest) | used codes | perplexity | val L1 | val PSNR (dB) "
-          "| usage (sinkhorn) |")  # fmt: skip
+    print(
+        f"\n{name}, K = {num_codes} codes (training time: "
+        + ", ".join(f"{q} {seconds[q]:.0f} s" for q in QUANTIZERS)
+        + ")"
+    )
+    print(
+        "| step | quantizer | usage (nearest) | used codes | perplexity | val L1 | val PSNR (dB) | usage (sinkhorn) |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for i in range(len(rows["optvq"])):
         for quantizer in QUANTIZERS:
             r = rows[quantizer][i]
             sinkhorn = "-" if r["usage_sinkhorn"] is None else f"{100 * r['usage_sinkhorn']:.1f}%"
-            print(f"| {r['step']} | {quantizer} | {100 * r['usage']:.1f}% | {r['used_codes']}/{num_codes} | "
-                  f"{r['perplexity']:.1f} | {r['l1']:.4f} | {r['psnr']:.2f} | {sinkhorn} |")  # fmt: skip
+            print(
+                f"| {r['step']} | {quantizer} | {100 * r['usage']:.1f}% | {r['used_codes']}/{num_codes} | "
+                f"{r['perplexity']:.1f} | {r['l1']:.4f} | {r['psnr']:.2f} | {sinkhorn} |"
+            )
 
 
 def verdict(num_codes: int, rows: dict[str, list[dict]]) -> dict[str, bool]:
@@ -253,11 +268,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latent_channels", type=int, default=32)
     parser.add_argument("--embed_dim", type=int, default=32, help="quantized channels, split over the heads")
     parser.add_argument("--num_heads", type=int, default=4, help="quantizer heads (the original MNIST OptVQ: 4)")
-    parser.add_argument("--tile_fraction", type=float, default=1 / 12,
-                        help="photos: validation tile side / the photos' shorter side (384 px)")  # fmt: skip
-    parser.add_argument("--sinkhorn_eval_batch", type=int, default=64,
-                        help="validation images per batch for OptVQ's usage under the original's eval-time "
-                        "Sinkhorn assignment")  # fmt: skip
+    parser.add_argument(
+        "--tile_fraction",
+        type=float,
+        default=1 / 12,
+        help="photos: validation tile side / the photos' shorter side (384 px)",
+    )
+    parser.add_argument(
+        "--sinkhorn_eval_batch",
+        type=int,
+        default=64,
+        help="validation images per batch for OptVQ's usage under the original's eval-time Sinkhorn assignment",
+    )
     parser.add_argument("--num_threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", default=None, help="also write all numbers to this JSON file")
     args = parser.parse_args(argv)
@@ -284,9 +306,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.num_threads)
     checkpoints = sorted({*range(args.eval_every, args.steps + 1, args.eval_every), args.steps})
     start = time.perf_counter()
-    print(f"codebook collapse: simple_cnn {args.resolution}x{args.resolution}, embed_dim {args.embed_dim}, "
-          f"{args.num_heads} heads, batch {args.batch_size}, {args.steps} steps, Adam lr {args.lr}, seed {args.seed}, "
-          f"{args.num_threads} thread(s), torch {torch.__version__}")  # fmt: skip
+    print(
+        f"codebook collapse: simple_cnn {args.resolution}x{args.resolution}, embed_dim {args.embed_dim}, "
+        f"{args.num_heads} heads, batch {args.batch_size}, {args.steps} steps, Adam lr {args.lr}, seed {args.seed}, "
+        f"{args.num_threads} thread(s), torch {torch.__version__}"
+    )
     report: dict = {"args": {k: v for k, v in vars(args).items()}, "results": {}}
     for name in args.datasets:
         if name == "photos":
@@ -297,9 +321,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         vectors = len(data.validation) * latent * latent * args.num_heads
         largest = max(args.codebook_sizes)
         print(f"\n## {name}: {data.description}")
-        print(f"validation vectors: {len(data.validation)} images x {latent}x{latent} positions x {args.num_heads} "
-              f"heads = {vectors}; at uniform use, K = {largest} would miss "
-              f"{largest * math.exp(-vectors / largest):.2g} codes by chance")  # fmt: skip
+        print(
+            f"validation vectors: {len(data.validation)} images x {latent}x{latent} positions x {args.num_heads} "
+            f"heads = {vectors}; at uniform use, K = {largest} would miss "
+            f"{largest * math.exp(-vectors / largest):.2g} codes by chance"
+        )
         for num_codes in args.codebook_sizes:
             models = {q: build_model(args, data.channels, num_codes, q) for q in QUANTIZERS}
             if not same_initial_weights(models["optvq"], models["vq"]):

@@ -2,8 +2,8 @@
 
 Each configuration runs with diffusers' default attention (`AttnProcessor2_0`, PyTorch's fused
 scaled_dot_product_attention) and with plain attention (`AttnProcessor`: explicit softmax(QK^T)V, as the original
-OptVQ computes it), same weights, the two models called in turn. Options: channels-last memory format, bfloat16 autocast, `torch.compile` of the
-encoder and decoder (the quantizer always runs eagerly in float32).
+OptVQ computes it), same weights, the two models called in turn. Options: channels-last memory format, bfloat16
+autocast, `torch.compile` of the encoder and decoder (the quantizer always runs eagerly in float32).
 
     python benchmarks/model.py                                  # CPU: small batches; CUDA when available: batch 32
     python benchmarks/model.py --configs small --batch 8 --repeats 5
@@ -42,8 +42,17 @@ from optvq_hf import OptVQConfig, OptVQModel
 
 CONFIGS = {
     "default": {},
-    "small": dict(resolution=64, base_channels=32, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1,
-                  attn_resolutions=(8,), latent_channels=64, embed_dim=64, num_heads=4, num_codes=1024),
+    "small": dict(
+        resolution=64,
+        base_channels=32,
+        channel_multipliers=(1, 2, 2, 4),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        latent_channels=64,
+        embed_dim=64,
+        num_heads=4,
+        num_codes=1024,
+    ),
 }
 PHASES = ("encode", "decode", "train")
 _MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -72,7 +81,7 @@ def build_model(config_name: str, plain_attention: bool, args, device: torch.dev
 
 
 def phase_call(phase: str, model: OptVQModel, images: torch.Tensor, quantized: torch.Tensor, args):
-    autocast = (torch.autocast(images.device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext())
+    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     if phase == "train":
         model.train()
         model.zero_grad(set_to_none=True)
@@ -136,8 +145,9 @@ def measure(phase, models, images, quantized, args, device):
     peaks = {}
     for repeat in range(args.repeats):
         for attention, model in models.items():
-            seconds, peak = timed_call(phase, model, images, quantized[attention], args, device,
-                                       measure_memory=repeat == args.repeats - 1)
+            seconds, peak = timed_call(
+                phase, model, images, quantized[attention], args, device, measure_memory=repeat == args.repeats - 1
+            )
             times[attention].append(seconds)
             peaks[attention] = peak
     for model in models.values():
@@ -156,8 +166,12 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=None, help="images per call (default: 32 on CUDA; CPU: 1 for "
-                                                                "the default config, 8 for the small one)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="images per call (default: 32 on CUDA; CPU: 1 for the default config, 8 for the small one)",
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--channels_last", action="store_true")
@@ -169,18 +183,27 @@ def main() -> None:
     if args.compile and args.warmup < 2:
         args.warmup = 2  # the first calls compile
     device = torch.device(args.device)
-    if device.type == "cpu" and sys.platform.startswith("linux") and any(k not in os.environ for k in _MALLOC_SETTINGS):
+    if (
+        device.type == "cpu"
+        and sys.platform.startswith("linux")
+        and any(k not in os.environ for k in _MALLOC_SETTINGS)
+    ):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC_SETTINGS})
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads "
-                    f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})")
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads "
+        f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})"
+    )
     options = [name for name in ("channels_last", "bf16", "compile") if getattr(args, name)] or ["fp32"]
     print(f"machine: {machine}; torch {torch.__version__}; options: {', '.join(options)}")
-    print(f"{'config':<8} {'attention':<9} {'phase':<7} {'batch':>5} {'ms/call':>9} {'images/s':>9} "
-          f"{'vs plain':>8} {'peak memory':>12}")
+    print(
+        f"{'config':<8} {'attention':<9} {'phase':<7} {'batch':>5} {'ms/call':>9} {'images/s':>9} "
+        f"{'vs plain':>8} {'peak memory':>12}"
+    )
     for config_name in args.configs:
         batch = args.batch or (32 if device.type == "cuda" else (1 if config_name == "default" else 8))
         config = OptVQConfig(**CONFIGS[config_name])
@@ -188,8 +211,9 @@ def main() -> None:
         images = (torch.rand(batch, 3, config.resolution, config.resolution, generator=generator) * 2 - 1).to(device)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        models = {attention: build_model(config_name, attention == "plain", args, device)
-                  for attention in args.attention}
+        models = {
+            attention: build_model(config_name, attention == "plain", args, device) for attention in args.attention
+        }
         with torch.no_grad():
             quantized = {attention: model.eval().encode(images).quantized for attention, model in models.items()}
         results = {}
@@ -205,8 +229,10 @@ def main() -> None:
                 seconds, peak = results[attention, phase]
                 plain = results.get(("plain", phase))
                 speedup = f"{plain[0] / seconds:.2f}x" if plain else "-"
-                print(f"{config_name:<8} {attention:<9} {phase:<7} {batch:>5} {seconds * 1e3:>9.1f} "
-                      f"{batch / seconds:>9.2f} {speedup:>8} {format_bytes(peak):>12}")
+                print(
+                    f"{config_name:<8} {attention:<9} {phase:<7} {batch:>5} {seconds * 1e3:>9.1f} "
+                    f"{batch / seconds:>9.2f} {speedup:>8} {format_bytes(peak):>12}"
+                )
 
 
 if __name__ == "__main__":

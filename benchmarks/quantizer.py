@@ -88,8 +88,15 @@ class LogDomainSinkhornQuantizer(SinkhornQuantizer):
 class OriginalSinkhornQuantizer(nn.Module):
     """The original quantizer's training-mode computation, with this package's parameters and loss."""
 
-    def __init__(self, num_codes: int, embed_dim: int, num_heads: int, epsilon: float = 10.0, iterations: int = 5,
-                 beta: float = 0.25):
+    def __init__(
+        self,
+        num_codes: int,
+        embed_dim: int,
+        num_heads: int,
+        epsilon: float = 10.0,
+        iterations: int = 5,
+        beta: float = 0.25,
+    ):
         super().__init__()
         self.num_heads, self.code_dim = num_heads, embed_dim // num_heads
         self.epsilon, self.iterations, self.beta = epsilon, iterations, beta
@@ -140,8 +147,14 @@ def build(method: str, num_codes: int, code_dim: int, device: torch.device) -> n
     elif method == "vq-pytorch":
         from vector_quantize_pytorch import VectorQuantize
 
-        module = VectorQuantize(dim=embed_dim, codebook_size=num_codes, heads=HEADS, codebook_dim=code_dim,
-                                separate_codebook_per_head=False, accept_image_fmap=True)
+        module = VectorQuantize(
+            dim=embed_dim,
+            codebook_size=num_codes,
+            heads=HEADS,
+            codebook_dim=code_dim,
+            separate_codebook_per_head=False,
+            accept_image_fmap=True,
+        )
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     if method in ("optvq", "optvq-stream", "optvq-log", "original"):
@@ -172,8 +185,14 @@ def clear_grads(module: nn.Module, z: torch.Tensor) -> None:
 
 def estimated_peak_bytes(method: str, num_rows: int, num_codes: int) -> float:
     """Rough peak, to skip cases that cannot fit: in (N, K) float32 matrices, from the code of each method."""
-    matrices = {"original": 4.5, "vq-pytorch": 4.0, "optvq": 1.1, "optvq-log": 1.1, "optvq-stream": 0.05,
-                "nearest": 0.3}[method]
+    matrices = {
+        "original": 4.5,
+        "vq-pytorch": 4.0,
+        "optvq": 1.1,
+        "optvq-log": 1.1,
+        "optvq-stream": 0.05,
+        "nearest": 0.3,
+    }[method]
     return matrices * num_rows * num_codes * 4
 
 
@@ -181,8 +200,10 @@ def estimated_peak_bytes(method: str, num_rows: int, num_codes: int) -> float:
 # Timing (one process, methods interleaved)
 # ---------------------------------------------------------------------------------------------------------------------
 def time_methods(methods, num_rows, num_codes, code_dim, device, warmup, repeats, max_seconds):
-    cases = {method: (build(method, num_codes, code_dim, device), make_input(num_rows, code_dim, device))
-             for method in methods}
+    cases = {
+        method: (build(method, num_codes, code_dim, device), make_input(num_rows, code_dim, device))
+        for method in methods
+    }
     times = {method: [] for method in methods}
     indices = {}
     started = time.perf_counter()
@@ -242,8 +263,17 @@ def cpu_peak_in_this_process(method, num_rows, num_codes, code_dim) -> int:
 
 def cpu_peak(method, num_rows, num_codes, code_dim) -> int | None:
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    command = [sys.executable, __file__, "--memory-case", method, str(num_rows), str(num_codes), str(code_dim),
-               "--threads", str(torch.get_num_threads())]
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-case",
+        method,
+        str(num_rows),
+        str(num_codes),
+        str(code_dim),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=environment)
     if result.returncode != 0:
         print(f"memory case {method} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
@@ -279,12 +309,34 @@ def spread_sources():
         generator = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
         codes = VectorQuantizer(num_codes, code_dim).codebook().detach()
-        yield f"randn N={num_rows} K={num_codes} d={code_dim}", torch.randn(num_rows, code_dim, generator=generator), \
-            codes, 10.0
-    tiny = dict(resolution=32, base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                latent_channels=32, embed_dim=32, num_heads=4, num_codes=64)
-    small = dict(resolution=64, base_channels=32, channel_multipliers=(1, 2, 2, 4), num_res_blocks=1,
-                 attn_resolutions=(8,), latent_channels=64, embed_dim=64, num_heads=4, num_codes=1024)
+        yield (
+            f"randn N={num_rows} K={num_codes} d={code_dim}",
+            torch.randn(num_rows, code_dim, generator=generator),
+            codes,
+            10.0,
+        )
+    tiny = dict(
+        resolution=32,
+        base_channels=32,
+        channel_multipliers=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(),
+        latent_channels=32,
+        embed_dim=32,
+        num_heads=4,
+        num_codes=64,
+    )
+    small = dict(
+        resolution=64,
+        base_channels=32,
+        channel_multipliers=(1, 2, 2, 4),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        latent_channels=64,
+        embed_dim=64,
+        num_heads=4,
+        num_codes=1024,
+    )
     for name, kwargs, batch in [("tiny", tiny, 8), ("small", small, 8), ("default", {}, 2)]:
         torch.manual_seed(0)
         config = OptVQConfig(**kwargs)
@@ -293,8 +345,12 @@ def spread_sources():
         with torch.no_grad():
             latents = model.encode(images).latents
         rows = latents.permute(0, 2, 3, 1).reshape(-1, model.quantizer.code_dim)
-        yield (f"OptVQModel {name} (random init), batch {batch}", rows, model.quantizer.codebook().detach(),
-               config.sinkhorn_epsilon)
+        yield (
+            f"OptVQModel {name} (random init), batch {batch}",
+            rows,
+            model.quantizer.codebook().detach(),
+            config.sinkhorn_epsilon,
+        )
 
 
 def report_spreads() -> None:
@@ -309,21 +365,26 @@ def report_spreads() -> None:
         return log_block(kernel, rows, codes)
 
     quantization._Kernel.log_block = counting
-    print(f"exp domain up to a spread of {quantization.EXP_DOMAIN_MAX_SPREAD:g} log-kernel units "
-          f"(largest best-to-worst range of a row, times epsilon / std)")
+    print(
+        f"exp domain up to a spread of {quantization.EXP_DOMAIN_MAX_SPREAD:g} log-kernel units "
+        f"(largest best-to-worst range of a row, times epsilon / std)"
+    )
     print(f"{'features':<44} {'N':>6} {'K':>6} {'d':>3} {'spread':>7} {'path':>5} {'repaired row/code sums':>23}")
     for name, rows, codes, epsilon in spread_sources():
         solver = quantization._SinkhornSolver(epsilon, 5, "all", 4096, distributed=False, streaming=False)
         distances = quantization._DistanceTiles(rows, codes)
         scratch = rows.new_empty(solver.tile_rows(rows.shape[0], codes.shape[0], rows.device), codes.shape[0])
-        std, largest_range, _, _ = solver.statistics(distances, rows.new_empty(rows.shape[0], codes.shape[0]),
-                                                     None, scratch)
+        std, largest_range, _, _ = solver.statistics(
+            distances, rows.new_empty(rows.shape[0], codes.shape[0]), None, scratch
+        )
         spread = largest_range * solver.kernel_scale(std, codes.shape[1])
         repairs.update(rows=0, codes=0)
         solver.assign(rows, codes)
         path = "exp" if spread <= quantization.EXP_DOMAIN_MAX_SPREAD else "log"
-        print(f"{name:<44} {rows.shape[0]:>6} {codes.shape[0]:>6} {codes.shape[1]:>3} {spread:>7.1f} {path:>5} "
-              f"{repairs['rows']:>11}/{repairs['codes']}")
+        print(
+            f"{name:<44} {rows.shape[0]:>6} {codes.shape[0]:>6} {codes.shape[1]:>3} {spread:>7.1f} {path:>5} "
+            f"{repairs['rows']:>11}/{repairs['codes']}"
+        )
     quantization._Kernel.log_block = log_block
 
 
@@ -339,8 +400,10 @@ def describe_machine(device: torch.device) -> str:
             processor = re.search(r"model name\s*:\s*(.*)", handle.read()).group(1)
     except (OSError, AttributeError):
         pass
-    return (f"{processor}, {os.cpu_count()} cores, {torch.get_num_threads()} threads "
-            f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), torch {torch.__version__}")
+    return (
+        f"{processor}, {os.cpu_count()} cores, {torch.get_num_threads()} threads "
+        f"(OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), torch {torch.__version__}"
+    )
 
 
 def ratio(value: float) -> str:
@@ -361,12 +424,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-seconds", type=float, default=120.0, help="per size, after 3 timed calls")
-    parser.add_argument("--max-memory-gb", type=float, default=None,
-                        help="skip a case whose estimated peak exceeds this (default: 20 on CPU, the free GPU memory)")
+    parser.add_argument(
+        "--max-memory-gb",
+        type=float,
+        default=None,
+        help="skip a case whose estimated peak exceeds this (default: 20 on CPU, the free GPU memory)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="time only")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--busy-processes", type=int, default=0,
-                        help="start this many busy-looping processes for the run: the load of a shared machine")
+    parser.add_argument(
+        "--busy-processes",
+        type=int,
+        default=0,
+        help="start this many busy-looping processes for the run: the load of a shared machine",
+    )
     parser.add_argument("--spreads", action="store_true", help="only report which solver path real inputs take")
     parser.add_argument("--memory-case", nargs=4, metavar=("METHOD", "N", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -401,44 +472,78 @@ def run(args) -> None:
         budget = 0.9 * torch.cuda.mem_get_info(device)[0]
     else:
         budget = 20 * 2**30
-    print(f"machine: {describe_machine(device)}" + (f"; {args.busy_processes} busy processes beside it"
-                                                     if args.busy_processes else ""))
-    print(f"training-mode forward + backward; {HEADS} heads; epsilon 10, 5 Sinkhorn iterations; time = median; "
-          f"memory = peak above the inputs ({'max_memory_allocated' if device.type == 'cuda' else 'peak RSS'})")
-    header = (f"{'N':>6} {'K':>6} {'d':>3}  {'method':<13} {'time ms':>10} {'vs original':>11} {'vs nearest':>10} "
-              f"{'peak memory':>12} {'mem vs orig':>11} {'same idx as optvq':>17}")
+    print(
+        f"machine: {describe_machine(device)}"
+        + (f"; {args.busy_processes} busy processes beside it" if args.busy_processes else "")
+    )
+    print(
+        f"training-mode forward + backward; {HEADS} heads; epsilon 10, 5 Sinkhorn iterations; time = median; "
+        f"memory = peak above the inputs ({'max_memory_allocated' if device.type == 'cuda' else 'peak RSS'})"
+    )
+    header = (
+        f"{'N':>6} {'K':>6} {'d':>3}  {'method':<13} {'time ms':>10} {'vs original':>11} {'vs nearest':>10} "
+        f"{'peak memory':>12} {'mem vs orig':>11} {'same idx as optvq':>17}"
+    )
     rows = []
     for size in args.sizes:
         num_rows, num_codes, code_dim = (int(value) for value in size.split(","))
         fitting = [m for m in methods if estimated_peak_bytes(m, num_rows, num_codes) <= budget]
         for method in sorted(set(methods) - set(fitting), key=methods.index):
-            print(f"skipped {method} at N={num_rows} K={num_codes} d={code_dim}: estimated peak "
-                  f"{format_bytes(estimated_peak_bytes(method, num_rows, num_codes))} > budget {format_bytes(budget)}")
+            print(
+                f"skipped {method} at N={num_rows} K={num_codes} d={code_dim}: estimated peak "
+                f"{format_bytes(estimated_peak_bytes(method, num_rows, num_codes))} > budget {format_bytes(budget)}"
+            )
         if not fitting:
             continue
-        times, indices, calls = time_methods(fitting, num_rows, num_codes, code_dim, device, args.warmup,
-                                             args.repeats, args.max_seconds)
+        times, indices, calls = time_methods(
+            fitting, num_rows, num_codes, code_dim, device, args.warmup, args.repeats, args.max_seconds
+        )
         peaks = {}
         if not args.no_memory:
             for method in fitting:
-                peaks[method] = (cuda_peak(method, num_rows, num_codes, code_dim, device) if device.type == "cuda"
-                                 else cpu_peak(method, num_rows, num_codes, code_dim))
+                peaks[method] = (
+                    cuda_peak(method, num_rows, num_codes, code_dim, device)
+                    if device.type == "cuda"
+                    else cpu_peak(method, num_rows, num_codes, code_dim)
+                )
         reference = comparable_indices("optvq", indices["optvq"]) if "optvq" in indices else None
         for method in fitting:
             same = "-"
             if reference is not None and method in ("original", "optvq-stream", "optvq-log"):
                 same = f"{(comparable_indices(method, indices[method]) == reference).float().mean().item():.4%}"
-            rows.append((num_rows, num_codes, code_dim, method, times[method] * 1e3,
-                         times[method] / times["original"] if "original" in times else math.nan,
-                         times[method] / times["nearest"] if "nearest" in times else math.nan,
-                         peaks.get(method),
-                         peaks[method] / peaks["original"] if peaks.get(method) and peaks.get("original") else math.nan,
-                         same, calls))
+            rows.append(
+                (
+                    num_rows,
+                    num_codes,
+                    code_dim,
+                    method,
+                    times[method] * 1e3,
+                    times[method] / times["original"] if "original" in times else math.nan,
+                    times[method] / times["nearest"] if "nearest" in times else math.nan,
+                    peaks.get(method),
+                    peaks[method] / peaks["original"] if peaks.get(method) and peaks.get("original") else math.nan,
+                    same,
+                    calls,
+                )
+            )
     print(header)
-    for num_rows, num_codes, code_dim, method, milliseconds, vs_original, vs_nearest, peak, memory_ratio, same, calls \
-            in rows:
-        print(f"{num_rows:>6} {num_codes:>6} {code_dim:>3}  {method:<13} {milliseconds:>10.1f} {ratio(vs_original):>11} "
-              f"{ratio(vs_nearest):>10} {format_bytes(peak):>12} {ratio(memory_ratio):>11} {same:>17}")
+    for (
+        num_rows,
+        num_codes,
+        code_dim,
+        method,
+        milliseconds,
+        vs_original,
+        vs_nearest,
+        peak,
+        memory_ratio,
+        same,
+        _calls,
+    ) in rows:
+        print(
+            f"{num_rows:>6} {num_codes:>6} {code_dim:>3}  {method:<13} {milliseconds:>10.1f} {ratio(vs_original):>11} "
+            f"{ratio(vs_nearest):>10} {format_bytes(peak):>12} {ratio(memory_ratio):>11} {same:>17}"
+        )
     print(f"(median of {args.repeats} calls after {args.warmup} warm-up, fewer where --max-seconds cut a size short)")
 
 

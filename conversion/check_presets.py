@@ -15,18 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from conversion.convert_original_to_hf import build_model
-from conversion.original_checkpoint import split_and_check
-from conversion.original_config import PRESETS, spec_from_preset
-from conversion.original_reference import original_parameter_shapes, random_original_state_dict
-from conversion.verification import verify_conversion
+from optvq_hf.conversion.convert import build_model
+from optvq_hf.conversion.original_checkpoint import split_and_check
+from optvq_hf.conversion.original_config import PRESETS, spec_from_preset
+from optvq_hf.conversion.original_reference import original_parameter_shapes, random_original_state_dict
+from optvq_hf.conversion.verification import verify_conversion
 
 
 def main() -> int:
@@ -44,11 +40,20 @@ def main() -> int:
         weights = split_and_check(random_original_state_dict(spec, args.seed), spec, f"random weights ({name})")
         model = build_model(spec, weights, "nearest")
         original_count = sum(torch.Size(s).numel() for s in original_parameter_shapes(spec).values())
-        report = verify_conversion(model, spec, weights.model, batch_size=args.batch_size, image_size=args.image_size,
-                                   tolerance=args.tolerance, seed=args.seed)
+        report = verify_conversion(
+            model,
+            spec,
+            weights.model,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            tolerance=args.tolerance,
+            seed=args.seed,
+        )
         print(f"## {name} ({PRESETS[name][1]})\n")
-        print(f"parameters: OptVQModel {model.num_parameters():,}, original constructor {original_count:,}, "
-              f"expected {PRESETS[name][2]:,}; original weights mapped: {len(weights.model)}\n")
+        print(
+            f"parameters: OptVQModel {model.num_parameters():,}, original constructor {original_count:,}, "
+            f"expected {PRESETS[name][2]:,}; original weights mapped: {len(weights.model)}\n"
+        )
         print(report.table())
         print(f"\n({time.perf_counter() - start:.1f} s)\n")
         passed &= report.passed and model.num_parameters() == original_count == PRESETS[name][2]

@@ -49,9 +49,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from optvq_hf import OptVQImageProcessor, OptVQModel
-from optvq_hf.data import ImageList, ValidationImages
 from optvq_hf.metrics import METRIC_NAMES, InceptionFeatureExtractor, ReconstructionMetrics
-from optvq_hf.perceptual import LPIPS
+from optvq_hf.training.data import ImageList, ValidationImages
+from optvq_hf.training.perceptual import LPIPS
 
 # What each number means, written next to it in metrics.md.
 PROTOCOL = {
@@ -223,7 +223,10 @@ def build_metrics(
             if explicit:
                 raise
             skipped[name] = f"{type(error).__name__}: {error}"
-            warnings.warn(f"skipping {name} (not requested by name; its weights or package are missing): {error}")
+            warnings.warn(
+                stacklevel=2,
+                message=f"skipping {name} (not requested by name; its weights or package are missing): {error}",
+            )
     kept = [name for name in names if name not in skipped]
     metrics = ReconstructionMetrics(
         kept,
@@ -276,7 +279,10 @@ def evaluate(
 # Outputs
 # ---------------------------------------------------------------------------------------------------------------------
 def save_grid(
-    originals: torch.Tensor, reconstructions: torch.Tensor, processor: OptVQImageProcessor, path: str | Path,
+    originals: torch.Tensor,
+    reconstructions: torch.Tensor,
+    processor: OptVQImageProcessor,
+    path: str | Path,
     gap: int = 2,
 ) -> None:
     """A PNG with the originals on the top row and their reconstructions below, separated by white gaps."""

@@ -51,12 +51,11 @@ perplexity per head), `training_config.yaml` and `logs/` (tensorboard).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import PIL.Image
@@ -67,7 +66,16 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from tqdm.auto import tqdm
 
 from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
-from optvq_hf.data import (
+from optvq_hf.metrics import ReconstructionMetrics, codebook_usage, perplexity
+from optvq_hf.training.checkpointing import (
+    load_checkpoint_state,
+    prune_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from optvq_hf.training.cli import parse_options
+from optvq_hf.training.codebook_init import kmeans_init_codebook
+from optvq_hf.training.data import (
     RandomCropTransform,
     StreamingTrainBatches,
     TrainBatches,
@@ -77,19 +85,8 @@ from optvq_hf.data import (
     load_image_splits,
     shard_stream,
 )
-from optvq_hf.losses import OptVQLoss, OptVQLossConfig
-from optvq_hf.metrics import ReconstructionMetrics, codebook_usage, perplexity
-from optvq_hf.training import (
-    build_config,
-    check_process_group,
-    field_types,
-    kmeans_init_codebook,
-    load_checkpoint_state,
-    load_yaml,
-    prune_checkpoints,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from optvq_hf.training.launch import check_process_group
+from optvq_hf.training.losses import OptVQLoss, OptVQLossConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
 LR_SCHEDULERS = ("constant", "one_cycle", "cosine", "linear")
@@ -121,7 +118,7 @@ class TrainingConfig:
     streaming: bool = option(False, "stream the dataset instead of downloading it (needs max_train_steps)")
     shuffle_buffer_size: int = option(1000, "shuffle buffer of a streamed dataset")
     dataset_repeats: int = option(1, "an epoch goes this many times over the images")
-    train_crop_scale: tuple[float, float] = option((1.0, 1.0), "random crop area, fraction of the shorter side^2")
+    train_crop_scale: list[float] = option([1.0, 1.0], "random crop area, fraction of the shorter side^2")
     random_flip: bool = option(True)
     dataloader_num_workers: int = option(0, "loader processes (threads when streaming)")
     image_check_count: int = option(64, "images of each split decoded before training (-1: all)")
@@ -167,9 +164,19 @@ class TrainingConfig:
     num_grid_images: int = option(8)
 
     def __post_init__(self) -> None:
-        positive = ("num_validation_images", "dataset_repeats", "num_train_epochs", "train_batch_size",
-                    "gradient_accumulation_steps", "checkpointing_steps", "logging_steps", "image_logging_steps",
-                    "kmeans_init_batches", "kmeans_iterations", "shuffle_buffer_size")  # fmt: skip
+        positive = (
+            "num_validation_images",
+            "dataset_repeats",
+            "num_train_epochs",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "checkpointing_steps",
+            "logging_steps",
+            "image_logging_steps",
+            "kmeans_init_batches",
+            "kmeans_iterations",
+            "shuffle_buffer_size",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -179,15 +186,24 @@ class TrainingConfig:
         for name in ("learning_rate", "adam_epsilon"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("adam_weight_decay", "max_grad_norm", "codebook_lr_multiplier", "lr_warmup_steps",
-                     "dataloader_num_workers", "num_grid_images"):  # fmt: skip
+        for name in (
+            "adam_weight_decay",
+            "max_grad_norm",
+            "codebook_lr_multiplier",
+            "lr_warmup_steps",
+            "dataloader_num_workers",
+            "num_grid_images",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2", "ema_decay", "one_cycle_pct_start"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        choices = {"lr_scheduler": LR_SCHEDULERS, "report_to": ("tensorboard", "wandb", "all", "none"),
-                   "mixed_precision": (None, "no", "fp16", "bf16")}  # fmt: skip
+        choices = {
+            "lr_scheduler": LR_SCHEDULERS,
+            "report_to": ("tensorboard", "wandb", "all", "none"),
+            "mixed_precision": (None, "no", "fp16", "bf16"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -208,24 +224,9 @@ SECTIONS = {"model": OptVQConfig, "loss": OptVQLossConfig}  # nested sections of
 
 def parse_args(argv: list[str] | None = None) -> TrainingConfig:
     """`--config file.yaml` plus `--field value` overrides (`--model.field`, `--loss.field` for the sections)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML file of options (default: %(default)s)")
-    helps = {option.name: option.metadata.get("help") for option in fields(TrainingConfig)}
-    groups = [("", TrainingConfig, parser)] + [
-        (f"{name}.", cls, parser.add_argument_group(f"{name} ({cls.__name__} fields, see its docstring)"))
-        for name, cls in SECTIONS.items()
-    ]
-    for prefix, cls, group in groups:
-        for name, hint in field_types(cls).items():
-            if name in SECTIONS and not prefix:
-                continue
-            flag = dict(nargs="?", const="true") if hint is bool else {}  # `--use_ema` alone means true
-            group.add_argument(f"--{prefix}{name}", default=argparse.SUPPRESS, help=helps.get(name) if not prefix
-                               else None, metavar="VALUE", **flag)  # fmt: skip
-    parser.add_argument("--resolution", dest="model.resolution", default=argparse.SUPPRESS, help="= --model.resolution")
-    args = vars(parser.parse_args(argv))
-    config_file = args.pop("config")
-    return build_config(TrainingConfig, load_yaml(config_file), args, SECTIONS, source=f"config file {config_file!r}")
+    return parse_options(
+        TrainingConfig, argv, sections=SECTIONS, default_config=DEFAULT_CONFIG, description=__doc__.split("\n\n")[0]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -311,8 +312,9 @@ def validate(model: OptVQModel, loader, accelerator: Accelerator) -> dict[str, f
     codebook usage and perplexity (overall and per head). Eval mode: nearest-code assignment, no collective."""
     config = model.config
     names = ("psnr_rgb", "usage", "perplexity") + (("psnr",) if config.in_channels == 3 else ())
-    metrics = ReconstructionMetrics(names, num_codes=config.num_codes, num_heads=config.num_heads,
-                                    device=accelerator.device)  # fmt: skip
+    metrics = ReconstructionMetrics(
+        names, num_codes=config.num_codes, num_heads=config.num_heads, device=accelerator.device
+    )
     l1_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)  # |error| in [0, 1] units
     l1_count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     was_training = model.training
@@ -355,8 +357,10 @@ def check_trackers(report_to: str) -> None:
     available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
     missing = [name for name in wanted if not available[name]]
     if missing:
-        raise ValueError(f"report_to={report_to!r} needs {' and '.join(missing)}: pip install {' '.join(missing)} "
-                         f"(or pass --report_to none)")  # fmt: skip
+        raise ValueError(
+            f"report_to={report_to!r} needs {' and '.join(missing)}: pip install {' '.join(missing)} "
+            f"(or pass --report_to none)"
+        )
 
 
 def write_report(output_dir: Path, report: dict) -> None:
@@ -376,13 +380,16 @@ def write_report(output_dir: Path, report: dict) -> None:
         "|---|---|---|---|---|---|",
     ]
     for name, results in report["validation"].items():
-        lines.append(f"| {name} | {results['psnr']:.2f} | {results['psnr_rgb']:.2f} | {results['l1']:.4f} | "
-                     f"{results['usage']:.3f} | {results['perplexity']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {results['psnr']:.2f} | {results['psnr_rgb']:.2f} | {results['l1']:.4f} | "
+            f"{results['usage']:.3f} | {results['perplexity']:.1f} |"
+        )
     lines += ["", "Per head (model weights):", "", "| head | usage | perplexity |", "|---|---|---|"]
     model_results = report["validation"]["model"]
     for head in range(report["num_heads"]):
-        lines.append(f"| {head} | {model_results[f'usage_head{head}']:.3f} | "
-                     f"{model_results[f'perplexity_head{head}']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {head} | {model_results[f'usage_head{head}']:.3f} | {model_results[f'perplexity_head{head}']:.1f} |"
+        )
     lines += [
         "",
         "PSNR: per image, data range 1, on the Y channel of YCbCr (BT.601; the original's evaluation) and on RGB; "
@@ -400,8 +407,10 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse_args(argv)
     model_config, loss_config = config.model_config(), config.loss_config()  # bad fields fail here, before anything
     if loss_config.disc_in_channels != model_config.out_channels:
-        raise ValueError(f"loss.disc_in_channels ({loss_config.disc_in_channels}) must equal model.out_channels "
-                         f"({model_config.out_channels})")  # fmt: skip
+        raise ValueError(
+            f"loss.disc_in_channels ({loss_config.disc_in_channels}) must equal model.out_channels "
+            f"({model_config.out_channels})"
+        )
     if loss_config.perceptual_weight > 0 and model_config.out_channels != 3:
         raise ValueError("LPIPS needs RGB images: set loss.perceptual_weight to 0 for models with out_channels != 3")
     output_dir = Path(config.output_dir)
@@ -419,23 +428,45 @@ def main(argv: list[str] | None = None) -> dict:
     # -- data: every check runs before the first step
     with accelerator.main_process_first():  # downloads once per node
         splits = load_image_splits(
-            config.dataset_name, config.dataset_config_name, config.train_data_dir, config.image_column,
-            config.train_split, config.validation_split, config.num_validation_images, config.streaming,
-            config.seed, config.cache_dir,
-        )  # fmt: skip
+            config.dataset_name,
+            config.dataset_config_name,
+            config.train_data_dir,
+            config.image_column,
+            config.train_split,
+            config.validation_split,
+            config.num_validation_images,
+            config.streaming,
+            config.seed,
+            config.cache_dir,
+        )
     check_images(splits.validation, config.image_check_count)
     processor = OptVQImageProcessor.from_model_config(model_config)
-    transform = RandomCropTransform(model_config.resolution, tuple(config.train_crop_scale), config.random_flip,
-                                    model_config.in_channels)  # fmt: skip
+    transform = RandomCropTransform(
+        model_config.resolution, tuple(config.train_crop_scale), config.random_flip, model_config.in_channels
+    )
     if splits.streaming:
         stream = shard_stream(splits.train, rank, world, config.seed, config.shuffle_buffer_size)
-        train_batches = StreamingTrainBatches(stream, splits.image_column, transform, config.train_batch_size,
-                                              config.seed, rank, config.dataloader_num_workers)  # fmt: skip
+        train_batches = StreamingTrainBatches(
+            stream,
+            splits.image_column,
+            transform,
+            config.train_batch_size,
+            config.seed,
+            rank,
+            config.dataloader_num_workers,
+        )
     else:
         check_images(splits.train, config.image_check_count)
         train_set = TrainImages(splits.train, transform, config.seed, config.dataset_repeats)
-        train_batches = TrainBatches(train_set, config.train_batch_size, world, rank, config.seed,
-                                     config.dataloader_num_workers, accelerator.device.type == "cuda")  # fmt: skip
+        train_batches = TrainBatches(
+            train_set,
+            config.train_batch_size,
+            world,
+            rank,
+            config.seed,
+            config.dataloader_num_workers,
+            accelerator.device.type == "cuda",
+        )
     validation_set = ValidationImages(splits.validation, processor)
     validation_loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(validation_set, range(rank, len(validation_set), world)),  # this process's shard
@@ -472,8 +503,11 @@ def main(argv: list[str] | None = None) -> dict:
     # -- resume, or start (optionally from a k-means codebook)
     checkpoint = broadcast_object_list([resolve_checkpoint(config.resume_from_checkpoint, output_dir)])[0]
     if checkpoint is None and config.kmeans_init:
-        source = train_batches if splits.streaming else TrainBatches(train_set, config.train_batch_size, world, rank,
-                                                                     config.seed + 1)  # fmt: skip
+        source = (
+            train_batches
+            if splits.streaming
+            else TrainBatches(train_set, config.train_batch_size, world, rank, config.seed + 1)
+        )
         first = [batch for batch, _ in zip(source, range(config.kmeans_init_batches))]
         kmeans_init_codebook(unwrapped, first, accelerator, config.kmeans_iterations, seed=config.seed)
         if splits.streaming:
@@ -490,8 +524,10 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.load_state(checkpoint)
         state, process_state = load_checkpoint_state(checkpoint, rank)
         if process_state is None or state.get("num_processes") != world:
-            raise ValueError(f"{checkpoint} was written by {state.get('num_processes')} processes: resume it with "
-                             f"as many (this launch has {world})")  # fmt: skip
+            raise ValueError(
+                f"{checkpoint} was written by {state.get('num_processes')} processes: resume it with "
+                f"as many (this launch has {world})"
+            )
         global_step = int(state["global_step"])
         train_batches.load_state_dict(process_state["data"])
         if ema is not None:
@@ -510,11 +546,17 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(
         f"Training {sum(p.numel() for p in unwrapped.parameters()):,} parameters on {splits.description}\n"
         f"  {max_train_steps} steps of {global_batch} images ({config.train_batch_size} per process x {world} "
-        f"processes x {config.gradient_accumulation_steps} accumulation), learning rate {lr:g}, from step {global_step}"
+        f"processes x {config.gradient_accumulation_steps} accumulation), learning rate {lr:g}, "
+        f"from step {global_step}"
     )
     counter = CodeCounter(model_config.num_heads, model_config.num_codes, accelerator.device)
-    progress = tqdm(total=max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process,
-                    desc="steps", dynamic_ncols=True)  # fmt: skip
+    progress = tqdm(
+        total=max_train_steps,
+        initial=global_step,
+        disable=not accelerator.is_local_main_process,
+        desc="steps",
+        dynamic_ncols=True,
+    )
     batches = iter(train_batches)
     start_step, window_start, train_start = global_step, time.perf_counter(), time.perf_counter()
     first_logs: dict[str, float] = {}
@@ -526,10 +568,15 @@ def main(argv: list[str] | None = None) -> dict:
         for micro in range(config.gradient_accumulation_steps):
             pixel_values = next(batches).to(accelerator.device, non_blocking=True)
             last = micro == config.gradient_accumulation_steps - 1
-            with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
+            with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
                 output = model(pixel_values)
-                loss, logs = loss_module.generator_loss(pixel_values, output.reconstruction, output.quantizer_loss,
-                                                        global_step, last_layer=unwrapped.get_last_layer())  # fmt: skip
+                loss, logs = loss_module.generator_loss(
+                    pixel_values,
+                    output.reconstruction,
+                    output.quantizer_loss,
+                    global_step,
+                    last_layer=unwrapped.get_last_layer(),
+                )
             accelerator.backward(loss / config.gradient_accumulation_steps)
             counter.add(output.indices)
             micro_batches.append(pixel_values)
@@ -546,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict:
         if loss_module.discriminator_trains(global_step):
             for micro, (pixel_values, reconstruction) in enumerate(zip(micro_batches, reconstructions)):
                 last = micro == config.gradient_accumulation_steps - 1
-                with (contextlib.nullcontext() if last else accelerator.no_sync(loss_ddp)), accelerator.autocast():
+                with contextlib.nullcontext() if last else accelerator.no_sync(loss_ddp), accelerator.autocast():
                     disc_loss, disc_logs = loss_ddp("discriminator", pixel_values, reconstruction, global_step)
                 accelerator.backward(disc_loss / config.gradient_accumulation_steps)
             if config.max_grad_norm > 0:
@@ -567,8 +614,9 @@ def main(argv: list[str] | None = None) -> dict:
             logs.update({f"train_{k}": v for k, v in usage.items()})
             logs["images_per_second"] = steps_in_window * global_batch / max(elapsed, 1e-9)
             window_start = time.perf_counter()
-            progress.set_postfix(loss=f"{logs['loss']:.4f}", usage=f"{usage['usage']:.2f}",
-                                 img_s=f"{logs['images_per_second']:.1f}")  # fmt: skip
+            progress.set_postfix(
+                loss=f"{logs['loss']:.4f}", usage=f"{usage['usage']:.2f}", img_s=f"{logs['images_per_second']:.1f}"
+            )
         accelerator.log(logs, step=global_step)
         first_logs, last_logs = first_logs or logs, logs
         if global_step % config.image_logging_steps == 0 and accelerator.is_main_process:
@@ -577,8 +625,9 @@ def main(argv: list[str] | None = None) -> dict:
         if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_train_steps:
             results = validate(unwrapped, validation_loader, accelerator)
             accelerator.log({f"validation_{k}": v for k, v in results.items()}, step=global_step)
-            accelerator.print(f"step {global_step}: validation PSNR {results['psnr']:.2f} dB, "
-                              f"codebook usage {results['usage']:.3f}")  # fmt: skip
+            accelerator.print(
+                f"step {global_step}: validation PSNR {results['psnr']:.2f} dB, codebook usage {results['usage']:.3f}"
+            )
         if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
             state = {"global_step": global_step, "num_processes": world, "config": _plain(asdict(config))}
             save_checkpoint(accelerator, output_dir, global_step, state, {"data": train_batches.state_dict()})

@@ -84,18 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image_column", default="image", help="the column holding the images")
     data.add_argument("--label_column", default=None, help="the class column (default 'label' for the digits)")
     data.add_argument("--max_train_samples", type=int, default=None, help="use the first N images only")
-    data.add_argument("--image_size", type=int, default=None,
-                      help="side of the square images fed to the tokenizer (default: the tokenizer's resolution; for "
-                      "the 8x8 digits 16, rounded up to a multiple of the tokenizer's downsampling factor)")
-    data.add_argument("--token_cache_dir", default=None, help="where the token dataset is stored (<output_dir>/tokens)")
+    data.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="side of the square images fed to the tokenizer (default: the tokenizer's resolution; for "
+        "the 8x8 digits 16, rounded up to a multiple of the tokenizer's downsampling factor)",
+    )
+    data.add_argument(
+        "--token_cache_dir", default=None, help="where the token dataset is stored (<output_dir>/tokens)"
+    )
     data.add_argument("--tokenize_batch_size", type=int, default=64, help="images per tokenizer batch")
     data.add_argument("--validation_fraction", type=float, default=0.1, help="held-out share for the validation loss")
 
     tokens = parser.add_argument_group("token layout")
     tokens.add_argument("--order", default="position-major", choices=ORDERS)
     tokens.add_argument("--vocabulary", default="shared", choices=VOCABULARIES)
-    tokens.add_argument("--class_conditional", action=argparse.BooleanOptionalAction, default=True,
-                        help="prefix each sequence with its class token (needs a label column; default on)")
+    tokens.add_argument(
+        "--class_conditional",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefix each sequence with its class token (needs a label column; default on)",
+    )
 
     model = parser.add_argument_group("transformer (LlamaForCausalLM)")
     model.add_argument("--hidden_size", type=int, default=128)
@@ -114,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
     training.add_argument("--seed", type=int, default=0)
     training.add_argument("--log_every", type=int, default=100, help="steps between log lines")
-    training.add_argument("--eval_every", type=int, default=None, help="steps between validation losses (default: end)")
+    training.add_argument(
+        "--eval_every", type=int, default=None, help="steps between validation losses (default: end)"
+    )
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--samples_per_class", type=int, default=10, help="grid columns with classes")
@@ -149,9 +161,19 @@ def check_args(args: argparse.Namespace) -> None:
     """Raise a `ValueError` naming the flag for every invalid value."""
     if args.dataset_name is not None and args.data_dir is not None:
         raise ValueError("pass at most one of --dataset_name and --data_dir (neither: the digits)")
-    positive = ("batch_size", "gradient_accumulation_steps", "max_train_steps", "hidden_size", "num_layers",
-                "num_attention_heads", "tokenize_batch_size", "samples_per_class", "num_samples", "grid_scale",
-                "log_every")  # fmt: skip
+    positive = (
+        "batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "hidden_size",
+        "num_layers",
+        "num_attention_heads",
+        "tokenize_batch_size",
+        "samples_per_class",
+        "num_samples",
+        "grid_scale",
+        "log_every",
+    )
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -319,11 +341,17 @@ class SequenceFormat:
 
     def to_json(self) -> dict:
         return {
-            "num_codes": self.layout.num_codes, "num_heads": self.layout.num_heads,
-            "latent_shape": list(self.layout.latent_shape), "order": self.layout.order,
-            "vocabulary": self.layout.vocabulary, "image_vocab_size": self.layout.vocab_size, "boi_id": self.boi_id,
-            "class_offset": self.class_offset, "num_classes": self.num_classes, "prefix_length": self.prefix_length,
-        }  # fmt: skip
+            "num_codes": self.layout.num_codes,
+            "num_heads": self.layout.num_heads,
+            "latent_shape": list(self.layout.latent_shape),
+            "order": self.layout.order,
+            "vocabulary": self.layout.vocabulary,
+            "image_vocab_size": self.layout.vocab_size,
+            "boi_id": self.boi_id,
+            "class_offset": self.class_offset,
+            "num_classes": self.num_classes,
+            "prefix_length": self.prefix_length,
+        }
 
 
 class ImageTokenRange(LogitsProcessor):
@@ -378,7 +406,9 @@ def image_grid(images: np.ndarray, columns: int, scale: int = 1, pad: int = 1) -
     return picture.resize((picture.width * scale, picture.height * scale), PIL.Image.Resampling.NEAREST)
 
 
-def decode_to_uint8(tokenizer: OptVQModel, token_ids: torch.Tensor, layout: TokenLayout, batch: int = 64) -> np.ndarray:
+def decode_to_uint8(
+    tokenizer: OptVQModel, token_ids: torch.Tensor, layout: TokenLayout, batch: int = 64
+) -> np.ndarray:
     """Token ids (N, L) -> uint8 images (N, H, W, C) through the tokenizer's decoder."""
     postprocess = OptVQImageProcessor().postprocess  # [-1, 1] -> uint8, clipped
     device = next(tokenizer.parameters()).device
@@ -386,8 +416,9 @@ def decode_to_uint8(tokenizer: OptVQModel, token_ids: torch.Tensor, layout: Toke
     with torch.no_grad():
         for start in range(0, token_ids.shape[0], batch):
             ids = token_ids[start : start + batch].to(device)
-            images = tokenizer.detokenize(ids, order=layout.order, vocabulary=layout.vocabulary,
-                                          latent_shape=layout.latent_shape)  # fmt: skip
+            images = tokenizer.detokenize(
+                ids, order=layout.order, vocabulary=layout.vocabulary, latent_shape=layout.latent_shape
+            )
             chunks.append(postprocess(images, output_type="np"))
     return np.concatenate(chunks)
 
@@ -455,8 +486,10 @@ def save_samples(
     sampled = sample_tokens(generator, fmt, labels, count, args)
     images = decode_to_uint8(tokenizer, sampled, fmt.layout)
     image_grid(images, columns, args.grid_scale).save(output_dir / "samples.png")
-    save_file({"token_ids": sampled.contiguous(), **({"labels": labels} if names else {})},
-              output_dir / "samples.safetensors")  # fmt: skip
+    save_file(
+        {"token_ids": sampled.contiguous(), **({"labels": labels} if names else {})},
+        output_dir / "samples.safetensors",
+    )
     # The tokenizer's round trip of real images of the same classes: what a perfect generator could reach.
     reference = reference_images(tokenizer, tokens, fmt.layout, names, per_row)
     image_grid(reference, columns, args.grid_scale).save(output_dir / "reference.png")
@@ -496,8 +529,12 @@ def train(
         betas=(0.9, 0.95),
     )
     # accelerate steps a prepared scheduler once per process at each optimizer step: count steps the same way.
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-                              num_training_steps=args.max_train_steps * accelerator.num_processes)  # fmt: skip
+    scheduler = get_scheduler(
+        "cosine",
+        optimizer,
+        num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
@@ -539,8 +576,9 @@ def train(
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    accelerator = Accelerator(mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.gradient_accumulation_steps)  # fmt: skip
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
+    )
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     cache_dir = Path(args.token_cache_dir) if args.token_cache_dir else output_dir / "tokens"
@@ -612,8 +650,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         summary["sample_seconds"] = round(time.perf_counter() - sample_start, 2)
         generator.save_pretrained(output_dir / "generator")
         (output_dir / "generator" / "token_layout.json").write_text(
-            json.dumps({**fmt.to_json(), "tokenizer": str(args.tokenizer), "image_size": image_size,
-                        "class_names": names}, indent=2) + "\n"  # fmt: skip
+            json.dumps(
+                {**fmt.to_json(), "tokenizer": str(args.tokenizer), "image_size": image_size, "class_names": names},
+                indent=2,
+            )
+            + "\n"
         )
         summary["total_seconds"] = round(time.perf_counter() - start, 2)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

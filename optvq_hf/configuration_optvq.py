@@ -15,9 +15,19 @@ NORM_GROUPS = 32  # GroupNorm groups of the taming / diffusers blocks
 # Keys that transformers itself may put in any config (its own fields and bookkeeping): everything else that is not an
 # OptVQ field is a typo or a file of another model, and is rejected instead of silently ignored.
 _TRANSFORMERS_KEYS = set(PretrainedConfig().to_dict()) | {
-    "auto_map", "num_labels", "torch_dtype", "name_or_path", "output_attentions", "tie_word_embeddings",
-    "use_cache", "pruned_heads", "tokenizer_class", "prefix", "task_specific_params", "finetuning_task",
-}  # fmt: skip
+    "auto_map",
+    "num_labels",
+    "torch_dtype",
+    "name_or_path",
+    "output_attentions",
+    "tie_word_embeddings",
+    "use_cache",
+    "pruned_heads",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    "finetuning_task",
+}
 
 
 class OptVQConfig(PretrainedConfig):
@@ -132,7 +142,9 @@ class OptVQConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         unknown = sorted(k for k in kwargs if k not in _TRANSFORMERS_KEYS and not k.startswith("_"))
         if unknown:
-            raise ValueError(f"OptVQConfig got unknown field(s) {unknown}; see the OptVQConfig docstring for the fields")
+            raise ValueError(
+                f"OptVQConfig got unknown field(s) {unknown}; see the OptVQConfig docstring for the fields"
+            )
         super().__init__(**kwargs)
         self.validate_architecture()
 
@@ -157,9 +169,18 @@ class OptVQConfig(PretrainedConfig):
     def validate_architecture(self) -> None:
         """Raise a `ValueError` naming the field for any value that cannot build a model."""
         positive_ints = (
-            "resolution", "in_channels", "out_channels", "base_channels", "num_res_blocks", "latent_channels",
-            "embed_dim", "num_heads", "num_codes", "sinkhorn_iterations", "sinkhorn_chunk_size",
-        )  # fmt: skip
+            "resolution",
+            "in_channels",
+            "out_channels",
+            "base_channels",
+            "num_res_blocks",
+            "latent_channels",
+            "embed_dim",
+            "num_heads",
+            "num_codes",
+            "sinkhorn_iterations",
+            "sinkhorn_chunk_size",
+        )
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -202,7 +223,9 @@ class OptVQConfig(PretrainedConfig):
                         f"groups of the diffusion backbone"
                     )
         elif self.base_channels % 2 != 0:
-            raise ValueError(f"OptVQConfig.base_channels must be even for the simple_cnn backbone, got {self.base_channels}")
+            raise ValueError(
+                f"OptVQConfig.base_channels must be even for the simple_cnn backbone, got {self.base_channels}"
+            )
         if self.resolution % self.downsample_factor != 0:
             raise ValueError(
                 f"OptVQConfig.resolution ({self.resolution}) must be divisible by the downsampling factor "

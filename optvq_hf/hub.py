@@ -18,7 +18,7 @@ card.save(output_dir / "README.md")
 push_folder_to_hub(output_dir, "my-org/optvq-tiny", dry_run=True)   # prints and returns what would be uploaded
 ```
 
-The card template is `model_card.md` at the repository root (a Jinja template whose YAML header is huggingface_hub's
+The card template is `templates/model_card.md`, package data (a Jinja template whose YAML header is huggingface_hub's
 `ModelCardData`).
 """
 
@@ -38,7 +38,7 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, fi
 from .configuration_optvq import OptVQConfig
 from .tokens import TokenLayout
 
-DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
 TASK_TYPE = "image-to-image"  # the Hub task of an autoencoder's reconstruction; the metrics are reconstruction metrics
 BASE_TAGS = ("optvq", "vector-quantization", "optimal-transport", "image-tokenizer", "vqgan", "autoencoder")
 
@@ -216,7 +216,8 @@ def render_model_card(
     template = Path(template_path) if template_path is not None else DEFAULT_TEMPLATE_PATH
     if not template.is_file():
         raise ValueError(
-            f"model card template {str(template)!r} not found: pass template_path (the repository's model_card.md)"
+            f"model card template {str(template)!r} not found: pass template_path "
+            "(the package's templates/model_card.md)"
         )
     if repo_id is not None:
         try:

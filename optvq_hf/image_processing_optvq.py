@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -89,12 +88,12 @@ class OptVQImageProcessor(BaseImageProcessor):
         if not np.isfinite(image).all():
             raise ValueError("image contains NaN or Inf")
         if image.min() < 0.0 or image.max() > 1.0:
-            raise ValueError(
-                f"float images must lie in [0, 1], got values in [{image.min():.4g}, {image.max():.4g}]"
-            )
+            raise ValueError(f"float images must lie in [0, 1], got values in [{image.min():.4g}, {image.max():.4g}]")
         return PIL.Image.fromarray(np.round(image * 255.0).astype(np.uint8))
 
-    def _prepare(self, image: Any, resolution: int, do_resize: bool, do_center_crop: bool, resample: str) -> np.ndarray:
+    def _prepare(
+        self, image: Any, resolution: int, do_resize: bool, do_center_crop: bool, resample: str
+    ) -> np.ndarray:
         pil = self._to_pil(image).convert("RGB" if self.num_channels == 3 else "L")
         if do_resize:
             width, height = pil.size

@@ -126,7 +126,11 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5, *, dtype=torch.float64,
 
 
 def ssim(
-    images: torch.Tensor, references: torch.Tensor, *, y_channel: bool = True, window_size: int = 11,
+    images: torch.Tensor,
+    references: torch.Tensor,
+    *,
+    y_channel: bool = True,
+    window_size: int = 11,
     sigma: float = 1.5,
 ) -> torch.Tensor:
     """
@@ -278,10 +282,11 @@ def _patched_attribute(obj, name, value):
 
 def _default_lpips(backbone: str) -> torch.nn.Module:
     try:
-        from .perceptual import LPIPS
+        from .training.perceptual import LPIPS
     except ImportError as error:
         raise ImportError(
-            "The LPIPS metrics need optvq_hf.perceptual.LPIPS; pass lpips_models={'lpips': ..., 'lpips_vgg': ...} "
+            "The LPIPS metrics need optvq_hf.training.perceptual.LPIPS; "
+            "pass lpips_models={'lpips': ..., 'lpips_vgg': ...} "
             "to use other models."
         ) from error
     return LPIPS.from_pretrained(backbone=backbone)
@@ -305,7 +310,7 @@ class ReconstructionMetrics:
         fid_feature_dim: D; default the extractor's `feature_dim` attribute, else 2048.
         lpips_models: optional `{"lpips": model, "lpips_vgg": model}`, callables mapping two image batches in
             [-1, 1] to per-image distances (B,) or (B, 1, 1, 1); missing ones are
-            `optvq_hf.perceptual.LPIPS.from_pretrained(backbone="alex" | "vgg")`.
+            `optvq_hf.training.perceptual.LPIPS.from_pretrained(backbone="alex" | "vgg")`.
 
     Example (one process; see the module docstring for several)::
 
@@ -353,7 +358,7 @@ class ReconstructionMetrics:
             self.fid_feature_dim = fid_feature_dim or getattr(extractor, "feature_dim", None) or 2048
         self.reset()
 
-    # -- state ---------------------------------------------------------------------------------------------------------
+    # -- state --------------------------------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget everything accumulated."""
         zeros = lambda *shape, dtype=torch.float64: torch.zeros(shape, dtype=dtype, device=self.device)  # noqa: E731
@@ -374,7 +379,7 @@ class ReconstructionMetrics:
     def num_images(self) -> int:
         return int(self.state["num_images"])
 
-    # -- accumulation --------------------------------------------------------------------------------------------------
+    # -- accumulation -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_statistics(
         self, originals: torch.Tensor, reconstructions: torch.Tensor, indices: torch.Tensor | None = None
@@ -484,7 +489,7 @@ class ReconstructionMetrics:
             indices = None if indices is None else indices[:num_valid]
         self.accumulate(self.sample_statistics(originals, reconstructions, indices))
 
-    # -- distributed ---------------------------------------------------------------------------------------------------
+    # -- distributed --------------------------------------------------------------------------------------------------
     def sync(self, reduce=None) -> None:
         """
         Sum the state over all processes (a collective: every process must call it, once, after its last update).
@@ -511,7 +516,7 @@ class ReconstructionMetrics:
             self.state[name] = reduce(self.state[name].contiguous())
         self._synced = True
 
-    # -- results -------------------------------------------------------------------------------------------------------
+    # -- results ------------------------------------------------------------------------------------------------------
     def compute(self) -> dict[str, float]:
         """
         The metrics as floats, keyed by metric name, plus `usage_head{j}` and `perplexity_head{j}` per head.

@@ -100,7 +100,7 @@ def build_diffusion_encoder(config: OptVQConfig) -> Encoder:
 
 
 def build_diffusion_decoder(config: OptVQConfig) -> Decoder:
-    """The taming-transformers decoder from diffusers' blocks; diffusers orders up blocks from the lowest resolution."""
+    """The taming-transformers decoder from diffusers' blocks (diffusers orders up blocks from low resolution)."""
     block_types = [
         "AttnUpDecoderBlock2D" if res in config.attn_resolutions else "UpDecoderBlock2D"
         for res in reversed(_level_resolutions(config))
@@ -286,7 +286,8 @@ class OptVQModel(OptVQPreTrainedModel):
         height, width = pixel_values.shape[-2:]
         if height % factor or width % factor:
             raise ValueError(
-                f"pixel_values height and width ({height}x{width}) must be multiples of the downsampling factor {factor}"
+                f"pixel_values height and width ({height}x{width}) must be multiples of the downsampling factor "
+                f"{factor}"
             )
         if not pixel_values.is_floating_point():
             raise ValueError(
@@ -367,7 +368,7 @@ class OptVQModel(OptVQPreTrainedModel):
     # -- tokens for sequence models (layouts documented in optvq_hf/tokens.py) ----------------------------------------
     def token_layout(
         self, order: str = "position-major", vocabulary: str = "shared", latent_shape: tuple[int, int] | None = None
-    ) -> "TokenLayout":  # noqa: F821 - imported in the body (a module-level import would do as well)
+    ) -> TokenLayout:  # noqa: F821 - imported in the body (a module-level import would do as well)
         """The `TokenLayout` of this model's indices (`latent_shape` defaults to the configured resolution's grid)."""
         from .tokens import TokenLayout  # relative: copied into saved folders for trust_remote_code
 
@@ -407,8 +408,8 @@ class OptVQModel(OptVQPreTrainedModel):
         latent_shape: tuple[int, int] | None = None,
     ) -> torch.FloatTensor:
         """
-        Token ids (B, L) from `tokenize` (same order and vocabulary) -> images (B, out_channels, H, W), in [-1, 1] up to
-        the decoder's overshoot (not clamped). `latent_shape` (h, w) is needed only for images whose size differs
+        Token ids (B, L) from `tokenize` (same order and vocabulary) -> images (B, out_channels, H, W), in [-1, 1] up
+        to the decoder's overshoot (not clamped). `latent_shape` (h, w) is needed only for images whose size differs
         from `config.resolution`.
         """
         indices = self.token_layout(order, vocabulary, latent_shape).to_indices(token_ids)

@@ -149,8 +149,17 @@ class _Kernel:
     modes see bit-identical kernel entries.
     """
 
-    def __init__(self, distances: _DistanceTiles, buffer: torch.Tensor | None, tile_buffer: torch.Tensor | None,
-                 tile_rows: int, row_min: torch.Tensor, code_shift: torch.Tensor, scale: float, exp_domain: bool):
+    def __init__(
+        self,
+        distances: _DistanceTiles,
+        buffer: torch.Tensor | None,
+        tile_buffer: torch.Tensor | None,
+        tile_rows: int,
+        row_min: torch.Tensor,
+        code_shift: torch.Tensor,
+        scale: float,
+        exp_domain: bool,
+    ):
         self.distances, self.buffer, self.tile_buffer, self.tile_rows = distances, buffer, tile_buffer, tile_rows
         self.row_min, self.code_shift, self.scale, self.exp_domain = row_min, code_shift, scale, exp_domain
         self._transformed = False
@@ -186,7 +195,7 @@ class _Kernel:
         return block.mul_(-self.scale).double()
 
 
-# -- the two ways of summing over the kernel ---------------------------------------------------------------------------
+# -- the two ways of summing over the kernel --------------------------------------------------------------------------
 # Each gives the row log-sum-exp of A + h (code potentials h), a column accumulator of A + f (row potentials f) and
 # the row argmax of A + h; the exp domain also says which of its results it cannot vouch for.
 class _ExpDomain:
@@ -276,7 +285,7 @@ class _LogColumns:
         return self.maximum + self.total.log(), None
 
 
-# -- the solver --------------------------------------------------------------------------------------------------------
+# -- the solver -------------------------------------------------------------------------------------------------------
 class _SinkhornSolver:
     """
     Sinkhorn assignment of N rows to K codes: the argmax of each row of the plan P = diag(a) exp(-s * D') diag(b) of
@@ -303,8 +312,15 @@ class _SinkhornSolver:
     rank gets exactly the assignment its rows would get if the whole batch were solved in one process.
     """
 
-    def __init__(self, epsilon: float, iterations: int, normalization: str, chunk_size: int, distributed: bool,
-                 streaming: bool | None = None):
+    def __init__(
+        self,
+        epsilon: float,
+        iterations: int,
+        normalization: str,
+        chunk_size: int,
+        distributed: bool,
+        streaming: bool | None = None,
+    ):
         self.epsilon = float(epsilon)
         self.iterations = int(iterations)
         self.normalization = normalization
@@ -331,8 +347,13 @@ class _SinkhornSolver:
         # "all": D' = (D - mean) / (std + 1e-6) - min(...): the mean and the min are constant shifts, only std matters.
         return self.epsilon / (std + 1e-6)
 
-    def statistics(self, distances: _DistanceTiles, buffer: torch.Tensor | None, tile_buffer: torch.Tensor | None,
-                   scratch: torch.Tensor):
+    def statistics(
+        self,
+        distances: _DistanceTiles,
+        buffer: torch.Tensor | None,
+        tile_buffer: torch.Tensor | None,
+        scratch: torch.Tensor,
+    ):
         """
         The first pass: computes each distance tile (into `buffer` when materialised, else into `tile_buffer`).
         Returns the unbiased std of all distances of all ranks, the largest row range, the row minima and the code
@@ -511,17 +532,24 @@ class VectorQuantizer(nn.Module):
         if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise ValueError(f"indices must be an integer tensor, got dtype {indices.dtype}")
         if indices.ndim == 4 and indices.shape[1] != self.num_heads:
-            raise ValueError(f"indices of shape (B, num_heads, H, W) need num_heads={self.num_heads} at dim 1, got "
-                             f"shape {tuple(indices.shape)}")
+            raise ValueError(
+                f"indices of shape (B, num_heads, H, W) need num_heads={self.num_heads} at dim 1, got "
+                f"shape {tuple(indices.shape)}"
+            )
         if indices.ndim == 3 and indices.shape[2] != self.num_heads:
-            raise ValueError(f"indices of shape (B, T, num_heads) need num_heads={self.num_heads} at dim 2, got "
-                             f"shape {tuple(indices.shape)}")
+            raise ValueError(
+                f"indices of shape (B, T, num_heads) need num_heads={self.num_heads} at dim 2, got "
+                f"shape {tuple(indices.shape)}"
+            )
         if indices.ndim not in (3, 4):
-            raise ValueError(f"indices must be (B, num_heads, H, W) or (B, T, num_heads), got shape "
-                             f"{tuple(indices.shape)}")
+            raise ValueError(
+                f"indices must be (B, num_heads, H, W) or (B, T, num_heads), got shape {tuple(indices.shape)}"
+            )
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
-            raise ValueError(f"indices must lie in [0, {self.num_codes}), got values in "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
+            raise ValueError(
+                f"indices must lie in [0, {self.num_codes}), got values in "
+                f"[{int(indices.min())}, {int(indices.max())}]"
+            )
         codes = self.codebook()[indices.long()]  # (..., d)
         if indices.ndim == 4:  # (B, nH, H, W, d) -> (B, nH, d, H, W) -> (B, nH*d, H, W)
             batch, _, height, width, _ = codes.shape
@@ -562,7 +590,9 @@ class VectorQuantizer(nn.Module):
             with torch.no_grad():
                 flat_indices = self.assign(rows.detach(), codes.detach())
             selected = codes[flat_indices]
-            loss = torch.mean((rows - selected.detach()) ** 2) + self.beta * torch.mean((selected - rows.detach()) ** 2)
+            loss = torch.mean((rows - selected.detach()) ** 2) + self.beta * torch.mean(
+                (selected - rows.detach()) ** 2
+            )
             # Straight-through: the value is exactly the code (z - sg[z] is exactly 0), the gradient flows to z.
             quantized_rows = selected.detach() + (rows - rows.detach())
         quantized = quantized_rows.reshape(channels_last.shape).to(z.dtype)
@@ -573,8 +603,10 @@ class VectorQuantizer(nn.Module):
         return QuantizerOutput(quantized=quantized.contiguous(), indices=indices.contiguous(), loss=loss)
 
     def extra_repr(self) -> str:
-        return (f"num_codes={self.num_codes}, embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
-                f"use_projection={self.use_projection}, beta={self.beta}")
+        return (
+            f"num_codes={self.num_codes}, embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"use_projection={self.use_projection}, beta={self.beta}"
+        )
 
 
 class SinkhornQuantizer(VectorQuantizer):
@@ -615,8 +647,9 @@ class SinkhornQuantizer(VectorQuantizer):
         chunk_size: int = 4096,
         streaming: bool | None = None,
     ):
-        super().__init__(num_codes, embed_dim, num_heads, use_projection=use_projection, beta=beta,
-                         chunk_size=chunk_size)
+        super().__init__(
+            num_codes, embed_dim, num_heads, use_projection=use_projection, beta=beta, chunk_size=chunk_size
+        )
         if cost_normalization not in COST_NORMALIZATIONS:
             raise ValueError(f"cost_normalization must be one of {COST_NORMALIZATIONS}, got {cost_normalization!r}")
         if inference_assignment not in INFERENCE_ASSIGNMENTS:
@@ -635,8 +668,9 @@ class SinkhornQuantizer(VectorQuantizer):
 
     def sinkhorn_codes(self, rows: torch.Tensor, codes: torch.Tensor, distributed: bool) -> torch.Tensor:
         """Index (N,) of the argmax of each row of the Sinkhorn plan of the rows' distances to the codes."""
-        solver = _SinkhornSolver(self.epsilon, self.iterations, self.cost_normalization, self.chunk_size, distributed,
-                                 self.streaming)
+        solver = _SinkhornSolver(
+            self.epsilon, self.iterations, self.cost_normalization, self.chunk_size, distributed, self.streaming
+        )
         return solver.assign(rows, codes)
 
     def assign(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -647,9 +681,11 @@ class SinkhornQuantizer(VectorQuantizer):
         return self.nearest_codes(rows, codes)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, epsilon={self.epsilon}, iterations={self.iterations}, "
-                f"cost_normalization={self.cost_normalization!r}, inference_assignment={self.inference_assignment!r}, "
-                f"streaming={self.streaming}")
+        return (
+            f"{super().extra_repr()}, epsilon={self.epsilon}, iterations={self.iterations}, "
+            f"cost_normalization={self.cost_normalization!r}, inference_assignment={self.inference_assignment!r}, "
+            f"streaming={self.streaming}"
+        )
 
 
 __all__ = ["QuantizerOutput", "SinkhornQuantizer", "VectorQuantizer", "sinkhorn"]

@@ -7,6 +7,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="optvq-hf-home-"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -16,6 +18,8 @@ import torch  # noqa: E402
 # threads made GroupNorm ~1000x slower than one.
 torch.set_num_threads(1)
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+EXAMPLES = REPOSITORY / "examples"
 FIXTURES = Path(__file__).parent / "fixtures"
 OFFICIAL_TINY = FIXTURES / "official-tiny"
 
@@ -53,3 +57,35 @@ def tiny_config():
 def seeded():
     torch.manual_seed(0)
     yield
+
+
+def load_example(name: str):
+    """An `examples/<name>.py` script imported as a module (its `main` and helpers callable in-process)."""
+    path = EXAMPLES / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"optvq_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass resolves its annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """The Accelerator is a process-wide singleton: each test starts and ends without one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+class PooledFeatures(torch.nn.Module):
+    """A stand-in FID feature extractor: 2x2 average pooling and a fixed random projection to `feature_dim` dims."""
+
+    def __init__(self, feature_dim: int = 5, seed: int = 7):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.register_buffer("projection", torch.randn(12, feature_dim, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1) @ self.projection

@@ -31,8 +31,9 @@ def original_plan(cost: torch.Tensor, epsilon: float, iterations: int, guard: fl
     return (plan * num_rows).t()
 
 
-def original_indices(rows: torch.Tensor, codes: torch.Tensor, epsilon: float = 10.0, iterations: int = 5,
-                     mode: str = "all") -> torch.Tensor:
+def original_indices(
+    rows: torch.Tensor, codes: torch.Tensor, epsilon: float = 10.0, iterations: int = 5, mode: str = "all"
+) -> torch.Tensor:
     """Argmax of the original plan for (N, d) rows and (K, d) codes: float32 distances (as the quantizer computes
     them, so that both start from the same numbers), everything after them in float64."""
     distances = torch.cdist(rows.float(), codes.float()).double()

@@ -22,8 +22,15 @@ def test_defaults_are_the_original_imagenet_16x16x4_model():
 
 
 def test_simple_cnn_backbone_downsamples_by_four():
-    config = OptVQConfig(backbone="simple_cnn", resolution=32, base_channels=32, latent_channels=32, embed_dim=8,
-                         num_heads=4, num_codes=1024)
+    config = OptVQConfig(
+        backbone="simple_cnn",
+        resolution=32,
+        base_channels=32,
+        latent_channels=32,
+        embed_dim=8,
+        num_heads=4,
+        num_codes=1024,
+    )
     assert (config.downsample_factor, config.latent_resolution, config.code_dim) == (4, 8, 2)
 
 

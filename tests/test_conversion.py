@@ -20,9 +20,10 @@ from original_formulas import original_indices
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conversion.convert_original_to_hf import LOSS_WEIGHTS_FILE, ConversionError, convert, main
-from conversion.original_checkpoint import CheckpointError, read_state_dict, split_and_check
-from conversion.original_config import (
+from optvq_hf import OptVQConfig, OptVQModel
+from optvq_hf.conversion.convert import LOSS_WEIGHTS_FILE, ConversionError, convert, main
+from optvq_hf.conversion.original_checkpoint import CheckpointError, read_state_dict, split_and_check
+from optvq_hf.conversion.original_config import (
     PRESETS,
     OriginalConfigError,
     spec_from_autoencoder_block,
@@ -30,10 +31,9 @@ from conversion.original_config import (
     spec_from_preset,
     spec_from_yaml,
 )
-from conversion.original_keys import map_original_state_dict
-from conversion.original_reference import original_parameter_shapes, random_original_state_dict
-from conversion.verification import verify_conversion
-from optvq_hf import OptVQConfig, OptVQModel
+from optvq_hf.conversion.original_keys import map_original_state_dict
+from optvq_hf.conversion.original_reference import original_parameter_shapes, random_original_state_dict
+from optvq_hf.conversion.verification import verify_conversion
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB_FOLDER = OFFICIAL_TINY / "hub_format"
@@ -57,8 +57,15 @@ def reference():
 def hub_conversion(tmp_path_factory):
     """The fixture's Hub folder converted once, with loss weights and verification against the original outputs."""
     output = tmp_path_factory.mktemp("converted") / "optvq-tiny"
-    result = convert(HUB_FOLDER, output, save_loss_weights=True, verify=True, reference_outputs=str(REFERENCE),
-                     tolerance=TOLERANCE, log=quiet)
+    result = convert(
+        HUB_FOLDER,
+        output,
+        save_loss_weights=True,
+        verify=True,
+        reference_outputs=str(REFERENCE),
+        tolerance=TOLERANCE,
+        log=quiet,
+    )
     return result, output
 
 
@@ -66,7 +73,7 @@ def autoencoder_block() -> dict:
     return copy.deepcopy(yaml.safe_load(YAML_CONFIG.read_text())["autoencoder"])
 
 
-# -- outputs of the converted model ------------------------------------------------------------------------------------
+# -- outputs of the converted model -----------------------------------------------------------------------------------
 def test_converted_folder_reproduces_the_original_reconstructions(hub_conversion, reference):
     result, output = hub_conversion
     model = OptVQModel.from_pretrained(output).eval()
@@ -123,10 +130,14 @@ def test_verification_report_against_the_fixture(hub_conversion):
     report = result.verification
     assert report is not None and report.passed
     checks = {check.name: check for check in report.checks}
-    for name in ("latents vs original outputs", "decode(original quantized) vs original reconstruction",
-                 "decode_indices(original indices) vs original reconstruction", "latents vs original formulas",
-                 "decode(original quantized) vs original formulas",
-                 "decode_indices(original indices) vs original decode_code"):
+    for name in (
+        "latents vs original outputs",
+        "decode(original quantized) vs original reconstruction",
+        "decode_indices(original indices) vs original reconstruction",
+        "latents vs original formulas",
+        "decode(original quantized) vs original formulas",
+        "decode_indices(original indices) vs original decode_code",
+    ):
         assert 0.0 <= checks[name].value < TOLERANCE, name
     # The independent reference reproduces the original code: latents up to float32 rounding (convolution kernels
     # round differently with the thread count), and its Sinkhorn indices exactly.
@@ -140,7 +151,7 @@ def test_verification_report_against_the_fixture(hub_conversion):
 def test_loss_weights_are_saved_under_their_original_names(hub_conversion):
     result, output = hub_conversion
     original = load_file(HUB_FOLDER / "model.safetensors")
-    expected = {k[len("model."):]: v for k, v in original.items() if k.startswith("model.loss.")}
+    expected = {k[len("model.") :]: v for k, v in original.items() if k.startswith("model.loss.")}
     saved = load_file(output / LOSS_WEIGHTS_FILE)
     assert set(saved) == set(expected) and len(saved) == 55
     assert result.dropped_keys == sorted(saved)  # every dropped weight is listed
@@ -164,7 +175,7 @@ def test_output_folder_contents(hub_conversion):
     assert not [p for p in output.parent.iterdir() if p.name.startswith(".")]  # no temporary folders left
 
 
-# -- the two input formats ---------------------------------------------------------------------------------------------
+# -- the two input formats --------------------------------------------------------------------------------------------
 def test_training_checkpoint_with_yaml_gives_the_same_folder(hub_conversion, tmp_path):
     _, hub_output = hub_conversion
     output = tmp_path / "from-checkpoint"
@@ -182,16 +193,21 @@ def test_compiled_training_checkpoint_and_nested_yaml(hub_conversion, tmp_path):
     checkpoint = torch.load(CHECKPOINT, weights_only=True)
     compiled = {
         "model": {f"_orig_mod.{k}": v for k, v in checkpoint["model"].items()},
-        "epoch": 3, "step": 1234,
+        "epoch": 3,
+        "step": 1234,
         "optimizer_ae": {"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
-    }  # fmt: skip
+    }
     torch.save(compiled, tmp_path / "compiled.pth")
     nested = {"mode": "train", "model": {"autoencoder": autoencoder_block()}, "train": {"epochs": 1}}
     (tmp_path / "nested.yaml").write_text(yaml.safe_dump(nested))
-    result = convert(tmp_path / "compiled.pth", tmp_path / "out", original_config=str(tmp_path / "nested.yaml"),
-                     log=quiet)
+    result = convert(
+        tmp_path / "compiled.pth", tmp_path / "out", original_config=str(tmp_path / "nested.yaml"), log=quiet
+    )
     assert result.wrapper_prefixes == ["_orig_mod."] and result.mapped_keys == 185
-    converted, from_hub = load_file(tmp_path / "out" / "model.safetensors"), load_file(hub_output / "model.safetensors")
+    converted, from_hub = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(hub_output / "model.safetensors"),
+    )
     assert all(torch.equal(converted[k], from_hub[k]) for k in from_hub)
 
 
@@ -203,13 +219,17 @@ def test_hub_folder_with_a_pickled_state_dict(hub_conversion, tmp_path):
     (folder / "config.json").write_bytes((HUB_FOLDER / "config.json").read_bytes())
     torch.save(load_file(HUB_FOLDER / "model.safetensors"), folder / "pytorch_model.bin")
     convert(folder, tmp_path / "out", log=quiet)
-    converted, from_hub = load_file(tmp_path / "out" / "model.safetensors"), load_file(hub_output / "model.safetensors")
+    converted, from_hub = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(hub_output / "model.safetensors"),
+    )
     assert set(converted) == set(from_hub) and all(torch.equal(converted[k], from_hub[k]) for k in from_hub)
 
 
-# -- configuration -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset, heads, parameters", [("optvq-16x16x4", 4, 72_932_291),
-                                                       ("optvq-16x16x8", 8, 72_404_899)])
+# -- configuration ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "preset, heads, parameters", [("optvq-16x16x4", 4, 72_932_291), ("optvq-16x16x8", 8, 72_404_899)]
+)
 def test_presets_are_the_released_models(preset, heads, parameters):
     config = spec_from_preset(preset).to_optvq_config()
     assert config.to_dict() == OptVQConfig(num_heads=heads).to_dict()
@@ -240,20 +260,38 @@ def test_translation_of_other_original_settings():
     # The MNIST / CIFAR-10 setups: plain CNN, image size from the data transform.
     simple = {
         "data": {"val": {"params": {"transform": {"params": {"resize": 32}}}}},
-        "model": {"autoencoder": {"target": "optvq.models.vqgan.VQModel", "params": {
-            "use_connector": True,
-            "encoder": {"target": "optvq.models.backbone.simple_cnn.PlainCNNEncoder", "params": {"in_dim": 1}},
-            "decoder": {"target": "optvq.models.backbone.simple_cnn.PlainCNNDecoder", "params": {"out_dim": 1}},
-            "quantize": {"target": "optvq.models.quantizer.VectorQuantizerSinkhorn", "params": {
-                "n_e": 1024, "e_dim": 8, "beta": 0.25, "num_head": 4, "use_prob": False, "loss_q_type": "l2"}},
-        }}},
-    }  # fmt: skip
+        "model": {
+            "autoencoder": {
+                "target": "optvq.models.vqgan.VQModel",
+                "params": {
+                    "use_connector": True,
+                    "encoder": {"target": "optvq.models.backbone.simple_cnn.PlainCNNEncoder", "params": {"in_dim": 1}},
+                    "decoder": {
+                        "target": "optvq.models.backbone.simple_cnn.PlainCNNDecoder",
+                        "params": {"out_dim": 1},
+                    },
+                    "quantize": {
+                        "target": "optvq.models.quantizer.VectorQuantizerSinkhorn",
+                        "params": {
+                            "n_e": 1024,
+                            "e_dim": 8,
+                            "beta": 0.25,
+                            "num_head": 4,
+                            "use_prob": False,
+                            "loss_q_type": "l2",
+                        },
+                    },
+                },
+            }
+        },
+    }
     spec = spec_from_autoencoder_block(simple["model"]["autoencoder"], "mnist", resolution=32)
     config = spec.to_optvq_config()
     assert (config.backbone, config.in_channels, config.resolution, config.embed_dim) == ("simple_cnn", 1, 32, 8)
     with torch.device("meta"):
         assert OptVQModel(config).num_parameters() == sum(
-            torch.Size(s).numel() for s in original_parameter_shapes(spec).values())
+            torch.Size(s).numel() for s in original_parameter_shapes(spec).values()
+        )
 
 
 def _set(block: dict, path: str, value) -> dict:
@@ -268,27 +306,30 @@ def _set(block: dict, path: str, value) -> dict:
     return block
 
 
-@pytest.mark.parametrize("path, value, message", [
-    ("quantize.use_prob", True, "use_prob"),
-    ("quantize.use_prob", KeyError, "use_prob"),  # absent: the original class default, true
-    ("quantize.loss_q_type", "ce", "loss_q_type"),
-    ("quantize.loss_q_type", KeyError, "loss_q_type"),  # absent: the original class default, 'ce'
-    ("quantize.use_norm", True, "use_norm"),
-    ("quantize.fix_codes", True, "fix_codes"),
-    ("quantize.start_quantize_steps", 100, "start_quantize_steps"),
-    ("quantize.normalize_mode", "sphere", "normalize_mode"),
-    ("quantize.temperature", 1.0, "temperature"),
-    ("use_connector", False, "use_connector"),
-    ("encoder.double_z", True, "double_z"),
-    ("encoder.double_z", KeyError, "double_z"),  # absent: the original encoder's default, true
-    ("encoder.resamp_with_conv", False, "resamp_with_conv"),
-    ("decoder.ch", 64, "encoder and decoder differ in ch"),
-    ("decoder.give_pre_end", True, "give_pre_end"),
-    ("encoder.z_channels", KeyError, "z_channels"),
-    ("encoder.use_linear_attn", True, "use_linear_attn"),
-    ("colorize_nlabels", 3, "colorize_nlabels"),
-    ("quantize.target", "optvq.models.quantizer.Identity", "unsupported quantizer target"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("quantize.use_prob", True, "use_prob"),
+        ("quantize.use_prob", KeyError, "use_prob"),  # absent: the original class default, true
+        ("quantize.loss_q_type", "ce", "loss_q_type"),
+        ("quantize.loss_q_type", KeyError, "loss_q_type"),  # absent: the original class default, 'ce'
+        ("quantize.use_norm", True, "use_norm"),
+        ("quantize.fix_codes", True, "fix_codes"),
+        ("quantize.start_quantize_steps", 100, "start_quantize_steps"),
+        ("quantize.normalize_mode", "sphere", "normalize_mode"),
+        ("quantize.temperature", 1.0, "temperature"),
+        ("use_connector", False, "use_connector"),
+        ("encoder.double_z", True, "double_z"),
+        ("encoder.double_z", KeyError, "double_z"),  # absent: the original encoder's default, true
+        ("encoder.resamp_with_conv", False, "resamp_with_conv"),
+        ("decoder.ch", 64, "encoder and decoder differ in ch"),
+        ("decoder.give_pre_end", True, "give_pre_end"),
+        ("encoder.z_channels", KeyError, "z_channels"),
+        ("encoder.use_linear_attn", True, "use_linear_attn"),
+        ("colorize_nlabels", 3, "colorize_nlabels"),
+        ("quantize.target", "optvq.models.quantizer.Identity", "unsupported quantizer target"),
+    ],
+)
 def test_unsupported_or_unknown_original_settings_are_errors(path, value, message):
     block = autoencoder_block()
     if path == "quantize.target":
@@ -315,10 +356,10 @@ def test_config_file_errors(tmp_path):
         spec_from_preset("optvq-32x32x8")
 
 
-# -- the released architecture, with random weights in the original layout ---------------------------------------------
+# -- the released architecture, with random weights in the original layout --------------------------------------------
 def test_released_architecture_maps_and_matches_the_original_formulas():
     """The 16x16x8 model (5 levels, 2 ResNet blocks, attention at 16): every original weight placed, same outputs."""
-    from conversion.convert_original_to_hf import build_model
+    from optvq_hf.conversion.convert import build_model
 
     spec = spec_from_preset("optvq-16x16x8")
     weights = split_and_check(random_original_state_dict(spec, seed=0), spec, "random")
@@ -330,7 +371,7 @@ def test_released_architecture_maps_and_matches_the_original_formulas():
     assert all(check.value < 1e-4 for check in report.checks if isinstance(check.value, float))
 
 
-# -- errors ------------------------------------------------------------------------------------------------------------
+# -- errors -----------------------------------------------------------------------------------------------------------
 def hub_copy(tmp_path: Path, weights: dict | None = None, raw: bytes | None = None) -> Path:
     folder = tmp_path / "hub"
     folder.mkdir()
@@ -351,11 +392,14 @@ def assert_nothing_written(output: Path) -> None:
     assert not [p.name for p in output.parent.iterdir() if p.name.startswith(f".{output.name}")]
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda raw: os.urandom(4096), "corrupt or truncated"),
-    (lambda raw: raw[: len(raw) // 2], "corrupt or truncated"),
-    (lambda raw: b"", "corrupt or truncated"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: os.urandom(4096), "corrupt or truncated"),
+        (lambda raw: raw[: len(raw) // 2], "corrupt or truncated"),
+        (lambda raw: b"", "corrupt or truncated"),
+    ],
+)
 def test_corrupt_or_truncated_safetensors(tmp_path, damage, message):
     raw = (HUB_FOLDER / "model.safetensors").read_bytes()
     folder = hub_copy(tmp_path, raw=damage(raw))
@@ -431,13 +475,27 @@ def test_failed_verification_and_existing_output_leave_nothing_behind(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-# -- command line ------------------------------------------------------------------------------------------------------
+# -- command line -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_converts_and_verifies_as_a_script(tmp_path):
     script = ROOT / "conversion" / "convert_original_to_hf.py"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, str(script), "--original_path", str(CHECKPOINT), "--original_config", str(YAML_CONFIG),
-               "--output_dir", str(tmp_path / "out"), "--verify", "--reference_outputs", str(REFERENCE),
-               "--tolerance", "1e-5", "--save_loss_weights"]
+    command = [
+        sys.executable,
+        str(script),
+        "--original_path",
+        str(CHECKPOINT),
+        "--original_config",
+        str(YAML_CONFIG),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--verify",
+        "--reference_outputs",
+        str(REFERENCE),
+        "--tolerance",
+        "1e-5",
+        "--save_loss_weights",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "keys mapped: 185; dropped (loss-only): 55" in done.stdout
@@ -451,19 +509,53 @@ def test_cli_help_errors_and_dry_run(tmp_path, capsys):
         main(["--help"])
     assert exited.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--original_path", "--original_config", "--preset", "--output_dir", "--save_loss_weights",
-                 "--verify", "--push_to_hub", "--hub_model_id", "--dry_run"):
+    for flag in (
+        "--original_path",
+        "--original_config",
+        "--preset",
+        "--output_dir",
+        "--save_loss_weights",
+        "--verify",
+        "--push_to_hub",
+        "--hub_model_id",
+        "--dry_run",
+    ):
         assert flag in help_text
     assert main(["--original_path", str(CHECKPOINT), "--output_dir", str(tmp_path / "a")]) == 1
     assert "--original_config" in capsys.readouterr().err
     assert main(["--original_path", str(HUB_FOLDER), "--output_dir", str(tmp_path / "a"), "--push_to_hub"]) == 1
     assert "--hub_model_id" in capsys.readouterr().err
-    assert main(["--original_path", str(HUB_FOLDER), "--output_dir", str(tmp_path / "a"), "--push_to_hub",
-                 "--hub_model_id", "not a valid id!"]) == 1
+    assert (
+        main(
+            [
+                "--original_path",
+                str(HUB_FOLDER),
+                "--output_dir",
+                str(tmp_path / "a"),
+                "--push_to_hub",
+                "--hub_model_id",
+                "not a valid id!",
+            ]
+        )
+        == 1
+    )
     assert "invalid --hub_model_id" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
-    assert main(["--original_path", str(HUB_FOLDER), "--output_dir", str(tmp_path / "b"), "--push_to_hub",
-                 "--hub_model_id", "my-org/optvq-tiny", "--dry_run"]) == 0
+    assert (
+        main(
+            [
+                "--original_path",
+                str(HUB_FOLDER),
+                "--output_dir",
+                str(tmp_path / "b"),
+                "--push_to_hub",
+                "--hub_model_id",
+                "my-org/optvq-tiny",
+                "--dry_run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "would upload to https://huggingface.co/my-org/optvq-tiny" in out
     assert "model.safetensors" in out and "config.json" in out and "README.md" in out

@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 
-from optvq_hf.data import (
+from optvq_hf.training.data import (
     SKIMAGE_TRAIN_PHOTOS,
     SKIMAGE_VALIDATION_PHOTOS,
     GlobalBatchSampler,
@@ -166,8 +166,9 @@ def test_streaming_imagefolder_resumes_exactly(image_folder):
     stream = shard_stream(splits.train, rank=0, num_processes=1, seed=0, shuffle_buffer_size=4)
 
     def batches():
-        return StreamingTrainBatches(stream, "image", RandomCropTransform(8, scale=(0.2, 1.0)), batch_size=1,
-                                     seed=0, rank=0, num_threads=2)  # fmt: skip
+        return StreamingTrainBatches(
+            stream, "image", RandomCropTransform(8, scale=(0.2, 1.0)), batch_size=1, seed=0, rank=0, num_threads=2
+        )
 
     reference = batches()
     iterator = iter(reference)

@@ -9,33 +9,47 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from optvq_hf.discriminator import NLayerDiscriminator
+from optvq_hf.training.discriminator import NLayerDiscriminator
 
 HUB_CHECKPOINT = Path(__file__).parent / "fixtures" / "official-tiny" / "hub_format" / "model.safetensors"
 
 # State dict of the original `loss.discriminator` with ndf=8, 3 layers (the official-tiny fixture), prefix removed.
 ORIGINAL_TINY_KEYS = {
-    "main.0.weight": (8, 3, 4, 4), "main.0.bias": (8,),
+    "main.0.weight": (8, 3, 4, 4),
+    "main.0.bias": (8,),
     "main.2.weight": (16, 8, 4, 4),
-    "main.3.weight": (16,), "main.3.bias": (16,), "main.3.running_mean": (16,), "main.3.running_var": (16,),
+    "main.3.weight": (16,),
+    "main.3.bias": (16,),
+    "main.3.running_mean": (16,),
+    "main.3.running_var": (16,),
     "main.3.num_batches_tracked": (),
     "main.5.weight": (32, 16, 4, 4),
-    "main.6.weight": (32,), "main.6.bias": (32,), "main.6.running_mean": (32,), "main.6.running_var": (32,),
+    "main.6.weight": (32,),
+    "main.6.bias": (32,),
+    "main.6.running_mean": (32,),
+    "main.6.running_var": (32,),
     "main.6.num_batches_tracked": (),
     "main.8.weight": (64, 32, 4, 4),
-    "main.9.weight": (64,), "main.9.bias": (64,), "main.9.running_mean": (64,), "main.9.running_var": (64,),
+    "main.9.weight": (64,),
+    "main.9.bias": (64,),
+    "main.9.running_mean": (64,),
+    "main.9.running_var": (64,),
     "main.9.num_batches_tracked": (),
-    "main.11.weight": (1, 64, 4, 4), "main.11.bias": (1,),
-}  # fmt: skip
+    "main.11.weight": (1, 64, 4, 4),
+    "main.11.bias": (1,),
+}
 
 
 def test_parameter_count_matches_the_original_3_layer_64_filter_discriminator():
     # Layer shapes of the original NLayerDiscriminator(input_nc=3, ndf=64, n_layers=3):
     expected = (
         (3 * 64 * 4 * 4 + 64)  # conv 3->64, bias
-        + (64 * 128 * 4 * 4) + 2 * 128  # conv 64->128 without bias, BatchNorm scale and shift
-        + (128 * 256 * 4 * 4) + 2 * 256
-        + (256 * 512 * 4 * 4) + 2 * 512  # the stride-1 block
+        + (64 * 128 * 4 * 4)
+        + 2 * 128  # conv 64->128 without bias, BatchNorm scale and shift
+        + (128 * 256 * 4 * 4)
+        + 2 * 256
+        + (256 * 512 * 4 * 4)
+        + 2 * 512  # the stride-1 block
         + (512 * 1 * 4 * 4 + 1)  # conv 512->1, bias
     )
     assert expected == 2_765_633
@@ -56,7 +70,7 @@ def test_state_dict_keys_and_shapes_match_the_original():
 
 def test_loads_the_original_discriminator_weights_from_the_fixture():
     prefix = "model.loss.discriminator."
-    original = {k[len(prefix):]: v for k, v in load_file(HUB_CHECKPOINT).items() if k.startswith(prefix)}
+    original = {k[len(prefix) :]: v for k, v in load_file(HUB_CHECKPOINT).items() if k.startswith(prefix)}
     discriminator = NLayerDiscriminator(base_channels=8)
     discriminator.load_state_dict(original, strict=True)
     logits = discriminator.eval()(torch.zeros(1, 3, 32, 32))
@@ -94,7 +108,9 @@ def test_taming_initialisation():
     bn_scales = torch.cat([discriminator.main[i].weight for i in (3, 6, 9)])  # 896 samples of N(1, 0.02)
     assert bn_scales.mean().item() == pytest.approx(1.0, abs=0.003)
     assert bn_scales.std().item() == pytest.approx(0.02, rel=0.15)
-    assert all(torch.equal(discriminator.main[i].bias, torch.zeros_like(discriminator.main[i].bias)) for i in (3, 6, 9))
+    assert all(
+        torch.equal(discriminator.main[i].bias, torch.zeros_like(discriminator.main[i].bias)) for i in (3, 6, 9)
+    )
     # The first and last convolutions keep PyTorch's default bias initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     assert discriminator.main[0].bias.abs().max() <= 1 / (3 * 16) ** 0.5
     assert discriminator.main[0].bias.abs().max() > 0

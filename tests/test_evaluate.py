@@ -7,20 +7,18 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from accelerate.state import AcceleratorState
-from conftest import tiny_config_kwargs
+from conftest import PooledFeatures, load_example, tiny_config_kwargs
 from scipy import linalg
 
 from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
 from optvq_hf.metrics import psnr, ssim
-from optvq_hf.perceptual import LPIPS
+from optvq_hf.training.perceptual import LPIPS
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
 # (height, width) of the test images: landscape, portrait and square, all larger than the 32x32 crop but one.
@@ -28,23 +26,13 @@ IMAGE_SIZES = [(40, 48), (48, 40), (32, 32), (50, 64), (36, 36)]
 NUM_CODES = 64
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("optvq_evaluate_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_example = load_example()
+evaluate_example = load_example("evaluate")
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state(monkeypatch, tmp_path):
+def offline_torch_home(monkeypatch, tmp_path, fresh_accelerate_state):
     # No cached LPIPS / Inception weights: the machine state of the tests is "offline, nothing downloaded".
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)  # the Accelerator is a process-wide singleton: leave none behind
 
 
 @pytest.fixture(scope="module")
@@ -141,19 +129,6 @@ def test_named_metrics_with_missing_weights_raise(model_dir, image_folder, tmp_p
             run(model_dir, image_folder, tmp_path, "--metrics", "rfid")
 
 
-class TinyFeatures(torch.nn.Module):
-    """A stand-in FID feature extractor: channel means of a 2x2 pooling, projected to 3 dims."""
-
-    feature_dim = 3
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("projection", torch.randn(12, 3, generator=torch.Generator().manual_seed(3)))
-
-    def forward(self, images):
-        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1) @ self.projection
-
-
 def random_lpips(backbone="vgg", **kwargs):
     torch.manual_seed({"alex": 1, "vgg": 2}[backbone])
     return LPIPS(backbone, pretrained=False)
@@ -161,7 +136,7 @@ def random_lpips(backbone="vgg", **kwargs):
 
 def test_lpips_and_rfid_use_the_given_networks(model_dir, image_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate_example.LPIPS, "from_pretrained", staticmethod(random_lpips))
-    monkeypatch.setattr(evaluate_example, "InceptionFeatureExtractor", TinyFeatures)
+    monkeypatch.setattr(evaluate_example, "InceptionFeatureExtractor", lambda *a, **k: PooledFeatures(3, seed=3))
     results = run(model_dir, image_folder, tmp_path, "--metrics", "lpips,lpips_vgg,rfid")
     assert list(results) == ["lpips", "lpips_vgg", "rfid"]
 
@@ -172,7 +147,7 @@ def test_lpips_and_rfid_use_the_given_networks(model_dir, image_folder, tmp_path
     assert results["lpips"] != pytest.approx(results["lpips_vgg"], rel=1e-2)
 
     with torch.no_grad():
-        real, fake = (TinyFeatures()((t + 1) / 2).double().numpy() for t in (x, rec))
+        real, fake = (PooledFeatures(3, seed=3)((t + 1) / 2).double().numpy() for t in (x, rec))
     s1, s2 = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)
     diff = real.mean(0) - fake.mean(0)
     expected_fid = diff @ diff + np.trace(s1 + s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
@@ -225,6 +200,7 @@ debug_launcher(module.main, args=(sys.argv[2:],), num_processes=2)
 """
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(model_dir, image_folder, tmp_path):
     names = "psnr,psnr_rgb,ssim,usage,perplexity"
     one = run(model_dir, image_folder, tmp_path / "one", "--metrics", names)
@@ -232,8 +208,9 @@ def test_two_processes_equal_one_process(model_dir, image_folder, tmp_path):
     argv = ["--model", str(model_dir), "--data_dir", str(image_folder), "--output_dir", str(tmp_path / "two")]
     argv += ["--batch_size", "2", "--num_workers", "0", "--metrics", names]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", TWO_RANKS, str(EXAMPLE), *argv], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_RANKS, str(EXAMPLE), *argv], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert list(two) == list(one)

@@ -54,8 +54,12 @@ def test_card_metadata_parses_back_with_the_metric_values():
     assert data.metrics == ["psnr", "ssim", "lpips", "usage"]  # the undefined rFID is left out
     assert data.model_name == "optvq-tiny"
     results = {r.metric_type: r for r in data.eval_results}
-    assert {name: r.metric_value for name, r in results.items()} == {"psnr": 21.25, "ssim": 0.625, "lpips": 0.1875,
-                                                                     "usage": 1.0}  # fmt: skip
+    assert {name: r.metric_value for name, r in results.items()} == {
+        "psnr": 21.25,
+        "ssim": 0.625,
+        "lpips": 0.1875,
+        "usage": 1.0,
+    }
     psnr = results["psnr"]
     assert (psnr.task_type, psnr.dataset_type) == ("image-to-image", "ILSVRC/imagenet-1k")
     assert psnr.dataset_split == "validation"
@@ -200,9 +204,14 @@ def test_bad_uploads_raise(output_folder, tmp_path):
         push_folder_to_hub(output_folder, "someone/x", dry_run=True, allow_patterns=["*.bin"], ignore_patterns=["*"])
 
 
-# -- saved folders and the Auto API ------------------------------------------------------------------------------------
-REMOTE_CODE_FILES = {"configuration_optvq.py", "modeling_optvq.py", "quantization.py", "tokens.py",
-                     "image_processing_optvq.py"}  # fmt: skip
+# -- saved folders and the Auto API -----------------------------------------------------------------------------------
+REMOTE_CODE_FILES = {
+    "configuration_optvq.py",
+    "modeling_optvq.py",
+    "quantization.py",
+    "tokens.py",
+    "image_processing_optvq.py",
+}
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +314,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_the_folder_without_the_package(saved_folder, tmp_path):
     folder, _, reference, reference_file = saved_folder
     site_dirs = [d for d in site.getsitepackages() if os.path.isdir(d)]
@@ -315,8 +325,12 @@ def test_trust_remote_code_loads_the_folder_without_the_package(saved_folder, tm
     # (the editable install is one), so that only the saved folder's code can provide the model.
     result = subprocess.run(
         [sys.executable, "-I", "-S", "-c", header + REMOTE_SCRIPT],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformers_modules" in result.stdout and "modeling_optvq" in result.stdout
     remote = load_file(tmp_path / "remote.safetensors")

@@ -11,8 +11,18 @@ from optvq_hf import OptVQConfig, OptVQImageProcessor
 def gradient_image(width: int = 64, height: int = 48) -> np.ndarray:
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
     y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
-    return np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
-                           np.full((height, width, 1), 128.0, dtype=np.float32)], axis=2).round().astype(np.uint8)
+    return (
+        np.concatenate(
+            [
+                np.broadcast_to(x, (height, width, 1)),
+                np.broadcast_to(y, (height, width, 1)),
+                np.full((height, width, 1), 128.0, dtype=np.float32),
+            ],
+            axis=2,
+        )
+        .round()
+        .astype(np.uint8)
+    )
 
 
 def test_resize_shorter_side_then_center_crop():
@@ -62,9 +72,11 @@ def test_postprocess_clips_out_of_range_values():
 
 
 def test_save_and_load(tmp_path):
-    processor = OptVQImageProcessor.from_model_config(OptVQConfig(resolution=32, base_channels=32,
-                                                                  channel_multipliers=(1, 2), latent_channels=32,
-                                                                  embed_dim=32, num_codes=64))
+    processor = OptVQImageProcessor.from_model_config(
+        OptVQConfig(
+            resolution=32, base_channels=32, channel_multipliers=(1, 2), latent_channels=32, embed_dim=32, num_codes=64
+        )
+    )
     processor.save_pretrained(tmp_path)
     loaded = OptVQImageProcessor.from_pretrained(tmp_path)
     assert (loaded.resolution, loaded.num_channels, loaded.resample) == (32, 3, "bicubic")

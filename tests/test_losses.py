@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from optvq_hf.discriminator import NLayerDiscriminator
-from optvq_hf.losses import OptVQLoss, OptVQLossConfig, adaptive_weight, hinge_d_loss, vanilla_d_loss
-from optvq_hf.perceptual import LPIPS
+from optvq_hf.training.discriminator import NLayerDiscriminator
+from optvq_hf.training.losses import OptVQLoss, OptVQLossConfig, adaptive_weight, hinge_d_loss, vanilla_d_loss
+from optvq_hf.training.perceptual import LPIPS
 
 
 def images(seed: int, batch: int = 2, size: int = 32) -> torch.Tensor:
@@ -154,8 +154,17 @@ def test_pixel_losses_by_hand_and_no_adversarial_term_before_disc_start():
     loss, logs = loss_fn.generator_loss(x, x_rec, torch.tensor([0.2, 0.4]), global_step=99, last_layer=None)
     # L1 = 0.5, L2 = 0.25, q = mean(0.2, 0.4) = 0.3: 2 * 0.5 + 4 * 0.25 + 0.5 * 0.3
     assert loss.item() == pytest.approx(2.15)
-    expected_logs = {"loss": 2.15, "rec_loss": 2.0, "l1_loss": 0.5, "l2_loss": 0.25, "perceptual_loss": 0.0,
-                     "quantizer_loss": 0.3, "g_loss": 0.0, "g_weight": 0.0, "disc_factor": 0.0}  # fmt: skip
+    expected_logs = {
+        "loss": 2.15,
+        "rec_loss": 2.0,
+        "l1_loss": 0.5,
+        "l2_loss": 0.25,
+        "perceptual_loss": 0.0,
+        "quantizer_loss": 0.3,
+        "g_loss": 0.0,
+        "g_weight": 0.0,
+        "disc_factor": 0.0,
+    }
     assert logs == pytest.approx(expected_logs)
     assert calls == []  # the discriminator is not even evaluated before disc_start
     assert not loss_fn.adversarial_active(99) and loss_fn.adversarial_active(100)
@@ -233,7 +242,9 @@ def test_generator_backward_gives_the_discriminator_no_gradient(setup):
     d_loss.backward()
     assert all(p.grad is not None for p in loss_fn.discriminator.parameters())
     # (The last bias can get an exact zero: with every hinge active, d/d bias = (-1 + 1) / 2.)
-    assert all(p.grad.abs().sum() > 0 for name, p in loss_fn.discriminator.named_parameters() if name != "main.11.bias")
+    assert all(
+        p.grad.abs().sum() > 0 for name, p in loss_fn.discriminator.named_parameters() if name != "main.11.bias"
+    )
     assert all(p.grad is None for p in decoder.parameters())
 
 
@@ -253,9 +264,10 @@ def test_forward_dispatches_to_the_two_entry_points(setup):
     loss_fn.eval()  # eval: both calls see the same BatchNorm statistics
     assert loss_fn("discriminator", x, x_rec, 0)[1] == loss_fn.discriminator_loss(x, x_rec, 0)[1]
     with torch.no_grad():
-        assert loss_fn("generator", x, x_rec, torch.tensor(0.0), 0)[1] == loss_fn.generator_loss(
-            x, x_rec, torch.tensor(0.0), 0
-        )[1]
+        assert (
+            loss_fn("generator", x, x_rec, torch.tensor(0.0), 0)[1]
+            == loss_fn.generator_loss(x, x_rec, torch.tensor(0.0), 0)[1]
+        )
     with pytest.raises(ValueError, match="mode"):
         loss_fn("both", x, x_rec, 0)
 

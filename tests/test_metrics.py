@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import PooledFeatures
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
@@ -44,19 +45,6 @@ def y_numpy(images, standard):
     if standard == "ycbcr":
         return (16.0 + 65.481 * r + 128.553 * g + 24.966 * b) / 255.0
     return 0.299 * r + 0.587 * g + 0.114 * b
-
-
-class MeanPoolFeatures(torch.nn.Module):
-    """A tiny deterministic FID feature extractor: 2x2 average pooling and a fixed random projection to 5 dims."""
-
-    feature_dim = 5
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("projection", torch.randn(12, 5, generator=torch.Generator().manual_seed(7)))
-
-    def forward(self, images):
-        return torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1) @ self.projection
 
 
 def mean_abs_lpips(x, y):
@@ -124,9 +112,7 @@ def test_ssim_matches_scikit_image_on_rounded_yiq_luma():
     y = noisy(x, 5, scale=torch.tensor([0.02, 0.05, 0.1]).view(3, 1, 1, 1))
     y255, x255 = np.round(255 * y_numpy(y, "yiq")), np.round(255 * y_numpy(x, "yiq"))
     expected = [
-        structural_similarity(
-            a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
-        )
+        structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)
         for a, b in zip(y255, x255)
     ]
     np.testing.assert_allclose(ssim(y, x).numpy(), expected, atol=1e-6)
@@ -218,7 +204,7 @@ def test_rfid_accumulates_features_over_batches_of_one():
     originals = 0.8 * torch.rand(9, 3, 4, 4, generator=g) - 0.4
     reconstructions = originals + 0.2 * torch.randn(originals.shape, generator=g)
     reconstructions[0, 0, 0, 0] = 3.0  # out of range: clamped to 1 before the metrics, as in the original
-    extractor = MeanPoolFeatures()
+    extractor = PooledFeatures()
     expected = fid_numpy(
         extractor((originals + 1) / 2).numpy(), extractor((reconstructions.clamp(-1, 1) + 1) / 2).numpy()
     )
@@ -293,9 +279,7 @@ def test_per_image_metrics_average_over_images_not_batches():
     x = smooth_images(8, batch=4) * 2 - 1
     rec = noisy(x, 9, scale=torch.tensor([0.02, 0.05, 0.1, 0.3]).view(4, 1, 1, 1)) * 2 - 1
     rec = torch.where(rec > 0.9, torch.full_like(rec, 1.5), rec)  # out-of-range values are clamped
-    metrics = ReconstructionMetrics(
-        ("psnr", "psnr_rgb", "ssim", "lpips"), lpips_models={"lpips": mean_abs_lpips}
-    )
+    metrics = ReconstructionMetrics(("psnr", "psnr_rgb", "ssim", "lpips"), lpips_models={"lpips": mean_abs_lpips})
     metrics.update(x[:3], rec[:3])
     metrics.update(x[3:], rec[3:])
     x01, rec01 = (x + 1) / 2, (rec.clamp(-1, 1) + 1) / 2
@@ -316,8 +300,12 @@ def test_num_valid_drops_padding_duplicates():
     x = smooth_images(10, batch=3) * 2 - 1
     rec = noisy(x, 11, scale=0.1) * 2 - 1
     indices = torch.randint(0, 5, (3, 2, 4, 4), generator=torch.Generator().manual_seed(0))
-    kwargs = dict(metrics=("psnr", "ssim", "rfid", "usage", "perplexity"), num_codes=5, num_heads=2,
-                  fid_feature_extractor=MeanPoolFeatures())
+    kwargs = dict(
+        metrics=("psnr", "ssim", "rfid", "usage", "perplexity"),
+        num_codes=5,
+        num_heads=2,
+        fid_feature_extractor=PooledFeatures(),
+    )
     reference, padded = ReconstructionMetrics(**kwargs), ReconstructionMetrics(**kwargs)
     reference.update(x, rec, indices)
     padded.update(x[:2], rec[:2], indices[:2])
@@ -339,7 +327,7 @@ def test_sync_with_an_accelerator_reduce():
 
     x = smooth_images(12, batch=3) * 2 - 1
     rec, indices = noisy(x, 13) * 2 - 1, torch.randint(0, 4, (3, 1, 2, 2), generator=torch.Generator().manual_seed(1))
-    kwargs = dict(metrics=("psnr", "rfid", "perplexity"), num_codes=4, fid_feature_extractor=MeanPoolFeatures())
+    kwargs = dict(metrics=("psnr", "rfid", "perplexity"), num_codes=4, fid_feature_extractor=PooledFeatures())
     single, doubled = ReconstructionMetrics(**kwargs), ReconstructionMetrics(**kwargs)
     single.update(x, rec, indices)
     doubled.update(x, rec, indices)
@@ -366,7 +354,7 @@ def test_sync_with_an_accelerator_reduce():
 
 
 def _features(x, rec):
-    extractor = MeanPoolFeatures()
+    extractor = PooledFeatures()
     return extractor((x + 1) / 2), extractor((rec.clamp(-1, 1) + 1) / 2)
 
 
@@ -378,10 +366,12 @@ def test_unknown_metric_and_missing_codebook_size():
 
 
 def test_lpips_metrics_use_the_package_lpips(monkeypatch):
-    perceptual = pytest.importorskip("optvq_hf.perceptual")
+    perceptual = pytest.importorskip("optvq_hf.training.perceptual")
     torch.manual_seed(0)
-    models = {"lpips": perceptual.LPIPS(backbone="alex", pretrained=False),
-              "lpips_vgg": perceptual.LPIPS(backbone="vgg", pretrained=False)}
+    models = {
+        "lpips": perceptual.LPIPS(backbone="alex", pretrained=False),
+        "lpips_vgg": perceptual.LPIPS(backbone="vgg", pretrained=False),
+    }
     x = smooth_images(14, batch=2) * 2 - 1
     rec = noisy(x, 15, scale=0.1) * 2 - 1
     metrics = ReconstructionMetrics(("lpips", "lpips_vgg"), lpips_models=models)
@@ -394,7 +384,8 @@ def test_lpips_metrics_use_the_package_lpips(monkeypatch):
     # Without models, the defaults are LPIPS.from_pretrained with the AlexNet (pyiqa's default) and VGG backbones.
     requested = []
     monkeypatch.setattr(
-        perceptual.LPIPS, "from_pretrained",
+        perceptual.LPIPS,
+        "from_pretrained",
         classmethod(lambda cls, backbone, **kw: requested.append(backbone) or models["lpips"]),
     )
     ReconstructionMetrics(("lpips", "lpips_vgg"))
@@ -416,7 +407,10 @@ def _dataset():
 
 def _new_metrics():
     return ReconstructionMetrics(
-        METRICS_FOR_PROCESSES, num_codes=6, num_heads=2, fid_feature_extractor=MeanPoolFeatures(),
+        METRICS_FOR_PROCESSES,
+        num_codes=6,
+        num_heads=2,
+        fid_feature_extractor=PooledFeatures(),
         lpips_models={"lpips": mean_abs_lpips},
     )
 
@@ -454,6 +448,7 @@ def _worker(rank, world_size, init_file, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_several_processes_equal_one_process(tmp_path):
     out_file = tmp_path / "results.pt"
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out_file)), nprocs=2, join=True)

@@ -8,8 +8,8 @@ from conftest import OFFICIAL_TINY, official_tiny_config_kwargs, tiny_config_kwa
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
-from conversion.original_keys import map_original_state_dict
 from optvq_hf import OptVQConfig, OptVQImageProcessor, OptVQModel
+from optvq_hf.conversion.original_keys import map_original_state_dict
 
 
 def tiny_model(**overrides) -> OptVQModel:
@@ -33,8 +33,17 @@ def test_parameter_counts_equal_the_released_models():
 
 
 def test_simple_cnn_parameter_count_equals_the_original_mnist_model():
-    config = OptVQConfig(backbone="simple_cnn", resolution=32, in_channels=1, out_channels=1, base_channels=32,
-                         latent_channels=32, embed_dim=8, num_heads=4, num_codes=1024)
+    config = OptVQConfig(
+        backbone="simple_cnn",
+        resolution=32,
+        in_channels=1,
+        out_channels=1,
+        base_channels=32,
+        latent_channels=32,
+        embed_dim=8,
+        num_heads=4,
+        num_codes=1024,
+    )
     conv = lambda i, o, k: i * o * k * k + o  # noqa: E731
     encoder = conv(1, 16, 3) + conv(16, 16, 2) + conv(16, 16, 3) + conv(16, 16, 2) + conv(16, 32, 3) + conv(32, 32, 3)
     decoder = conv(32, 32, 3) + conv(32, 16, 2) + conv(16, 16, 3) + conv(16, 16, 2) + conv(16, 16, 3) + conv(16, 1, 3)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from optvq_hf.perceptual import (
+from optvq_hf.training.perceptual import (
     LPIPS,
     WEIGHT_FILES,
     convert_lpips_package_state_dict,
@@ -23,10 +23,20 @@ from optvq_hf.perceptual import (
 
 # torchvision `features` convolutions: (index, out_channels, in_channels, kernel) and the max-pool positions.
 VGG16_CONVS = [
-    (0, 64, 3, 3), (2, 64, 64, 3), (5, 128, 64, 3), (7, 128, 128, 3), (10, 256, 128, 3), (12, 256, 256, 3),
-    (14, 256, 256, 3), (17, 512, 256, 3), (19, 512, 512, 3), (21, 512, 512, 3), (24, 512, 512, 3),
-    (26, 512, 512, 3), (28, 512, 512, 3),
-]  # fmt: skip
+    (0, 64, 3, 3),
+    (2, 64, 64, 3),
+    (5, 128, 64, 3),
+    (7, 128, 128, 3),
+    (10, 256, 128, 3),
+    (12, 256, 256, 3),
+    (14, 256, 256, 3),
+    (17, 512, 256, 3),
+    (19, 512, 512, 3),
+    (21, 512, 512, 3),
+    (24, 512, 512, 3),
+    (26, 512, 512, 3),
+    (28, 512, 512, 3),
+]
 ALEXNET_CONVS = [(0, 64, 3, 11), (3, 192, 64, 5), (6, 384, 192, 3), (8, 256, 384, 3), (10, 256, 256, 3)]
 # lpips v0.1 taps: the ReLU right after these convolutions.
 VGG16_TAP_CONVS = (2, 7, 14, 21, 28)
@@ -199,7 +209,9 @@ def test_loads_torchvision_and_lpips_files_from_local_paths(backbone, tmp_path):
     torch.save(torchvision_sd, tmp_path / "backbone.pth")
     torch.save(heads_sd, tmp_path / "heads.pth")
 
-    loaded = LPIPS.from_pretrained(backbone, backbone_path=tmp_path / "backbone.pth", heads_path=tmp_path / "heads.pth")
+    loaded = LPIPS.from_pretrained(
+        backbone, backbone_path=tmp_path / "backbone.pth", heads_path=tmp_path / "heads.pth"
+    )
     state_dict = loaded.state_dict()
     for key, value in torchvision_sd.items():
         if key.startswith("features."):
@@ -309,7 +321,7 @@ def test_original_optvq_checkpoint_perceptual_keys_map_onto_this_module():
     path = Path(__file__).parent / "fixtures" / "official-tiny" / "hub_format" / "model.safetensors"
     prefix = "model.loss.perceptual_loss."
     with safe_open(str(path), "pt") as checkpoint:
-        original = {k[len(prefix):]: torch.zeros(()) for k in checkpoint.keys() if k.startswith(prefix)}
+        original = {k[len(prefix) :]: torch.zeros(()) for k in checkpoint.keys() if k.startswith(prefix)}
     assert "scaling_layer.shift" in original and "net.slice5.28.weight" in original
     converted = convert_lpips_package_state_dict(original)
     assert set(converted) == set(LPIPS("vgg", pretrained=False).state_dict())

@@ -127,13 +127,18 @@ def test_fixture_sinkhorn_indices_equal_the_exact_plan_and_differ_from_the_origi
     reference = load_file(OFFICIAL_TINY / "reference_outputs.safetensors")
     weights = load_file(OFFICIAL_TINY / "hub_format" / "model.safetensors")
     quantizer = SinkhornQuantizer(64, 32, num_heads=4, inference_assignment="sinkhorn").eval()
-    quantizer.load_state_dict({"embedding.weight": weights["model.quantize.embedding.weight"],
-                               "proj.weight": weights["model.quantize.proj.weight"],
-                               "proj.bias": weights["model.quantize.proj.bias"]})
+    quantizer.load_state_dict(
+        {
+            "embedding.weight": weights["model.quantize.embedding.weight"],
+            "proj.weight": weights["model.quantize.proj.weight"],
+            "proj.bias": weights["model.quantize.proj.bias"],
+        }
+    )
     with torch.no_grad():
         indices = quantizer(reference["latents"]).indices
-        nearest = quantizer.eval().__class__.nearest_codes(quantizer, reference["latents"].permute(0, 2, 3, 1)
-                                                            .reshape(-1, 8), quantizer.codebook())
+        nearest = quantizer.eval().__class__.nearest_codes(
+            quantizer, reference["latents"].permute(0, 2, 3, 1).reshape(-1, 8), quantizer.codebook()
+        )
     rows = reference["latents"].permute(0, 2, 3, 1).reshape(-1, 8)
     exact = original_indices(rows, quantizer.codebook()).reshape(8, 8, 8, 4).permute(0, 3, 1, 2)
     assert torch.equal(indices, exact)
@@ -168,8 +173,13 @@ def test_sinkhorn_plan_is_finite_and_rows_sum_to_one(params, epsilon, iterations
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 6), st.sampled_from([1e-20, 1e-3, 1.0, 1e3, 1e15]), st.sampled_from(["all", "dim", "none"]),
-       st.integers(0, 2**31 - 1), st.booleans())
+@given(
+    st.integers(1, 6),
+    st.sampled_from([1e-20, 1e-3, 1.0, 1e3, 1e15]),
+    st.sampled_from(["all", "dim", "none"]),
+    st.integers(0, 2**31 - 1),
+    st.booleans(),
+)
 def test_quantizer_is_finite_for_any_scale(batch, scale, mode, seed, constant):
     quantizer = make_quantizer(cost_normalization=mode).train()
     generator = torch.Generator().manual_seed(seed)

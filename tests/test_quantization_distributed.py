@@ -11,6 +11,8 @@ import torch.multiprocessing as mp
 import optvq_hf.quantization as quantization
 from optvq_hf import SinkhornQuantizer
 
+pytestmark = pytest.mark.slow
+
 WORLD_SIZE = 2
 
 

@@ -1,6 +1,7 @@
-"""The optimised Sinkhorn solver computes the original formulas: every path (exp / log domain, materialised / streaming,
-tiled, with its underflow repairs) gives the assignments of a float64 computation of the original algorithm, and the
-quantizer's loss and gradients follow from them. Also: the memory the modes promise (one (N, K) matrix, or none)."""
+"""The optimised Sinkhorn solver computes the original formulas: every path (exp / log domain, materialised /
+streaming, tiled, with its underflow repairs) gives the assignments of a float64 computation of the original
+algorithm, and the quantizer's loss and gradients follow from them. Also: the memory the modes promise (one (N, K)
+matrix, or none)."""
 
 import pytest
 import torch
@@ -23,7 +24,9 @@ def features_and_codes(num_rows: int, num_codes: int, code_dim: int, seed: int, 
 
 
 def solve(rows, codes, mode="all", epsilon=10.0, chunk_size=4096, streaming=False, iterations=5):
-    solver = quantization._SinkhornSolver(epsilon, iterations, mode, chunk_size, distributed=False, streaming=streaming)
+    solver = quantization._SinkhornSolver(
+        epsilon, iterations, mode, chunk_size, distributed=False, streaming=streaming
+    )
     return solver.assign(rows, codes)
 
 
@@ -51,8 +54,10 @@ class RepairCounter:
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-@pytest.mark.parametrize(("num_rows", "num_codes", "code_dim", "tile_entries"),
-                         [(512, 64, 8, 2**12), (999, 300, 16, 2**14), (2560, 1024, 64, 2**20)])
+@pytest.mark.parametrize(
+    ("num_rows", "num_codes", "code_dim", "tile_entries"),
+    [(512, 64, 8, 2**12), (999, 300, 16, 2**14), (2560, 1024, 64, 2**20)],
+)
 def test_assignments_equal_the_float64_formulas(num_rows, num_codes, code_dim, tile_entries, streaming, monkeypatch):
     monkeypatch.setattr(quantization, "CPU_TILE_ENTRIES", tile_entries)  # several tiles, the last one ragged
     rows, codes = features_and_codes(num_rows, num_codes, code_dim, seed=num_rows)
@@ -129,7 +134,7 @@ def test_quantizer_streaming_flag_changes_nothing_but_memory():
     assert "streaming=True" in repr(quantizers[1])
 
 
-# -- memory: which (N, K) matrices exist -------------------------------------------------------------------------------
+# -- memory: which (N, K) matrices exist ------------------------------------------------------------------------------
 class LargeAllocations(TorchDispatchMode):
     """Records the storages of at least `min_numel` elements that the operations inside the block create."""
 
@@ -156,7 +161,7 @@ def test_one_or_no_full_matrix(streaming, expected):
     assert len(allocations.storages) == expected
 
 
-# -- loss and gradients ------------------------------------------------------------------------------------------------
+# -- loss and gradients -----------------------------------------------------------------------------------------------
 def test_loss_and_gradients_follow_from_the_exact_assignment():
     torch.manual_seed(0)
     quantizer = SinkhornQuantizer(128, 64, num_heads=4, beta=0.25).train()

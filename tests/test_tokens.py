@@ -96,8 +96,14 @@ LAYOUT = TokenLayout(K, 2, (2, 3), vocabulary="per-head")
         (torch.zeros(1, 12, dtype=torch.bool), "integer tensor.*torch.bool"),
         ([[0] * 12], "must be a torch.Tensor, got list"),
         (torch.tensor([[0, 26, 1, 27, 2, 28, 3, 29, 4, 30, 5, 32]]), r"id 32 at sequence 0, place 11.*head 1.*\[16,"),
-        (torch.tensor([[0, 5, 1, 27, 2, 28, 3, 29, 4, 30, 5, 31]]), r"id 5 at sequence 0, place 1.*head 1.*\[16, 32\)"),
-        (torch.tensor([[-1, 26, 1, 27, 2, 28, 3, 29, 4, 30, 5, 31]]), r"id -1 at sequence 0, place 0.*head 0.*\[0, 16"),
+        (
+            torch.tensor([[0, 5, 1, 27, 2, 28, 3, 29, 4, 30, 5, 31]]),
+            r"id 5 at sequence 0, place 1.*head 1.*\[16, 32\)",
+        ),
+        (
+            torch.tensor([[-1, 26, 1, 27, 2, 28, 3, 29, 4, 30, 5, 31]]),
+            r"id -1 at sequence 0, place 0.*head 0.*\[0, 16",
+        ),
     ],
 )
 def test_bad_tokens_raise(tokens, message):

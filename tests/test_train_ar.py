@@ -1,7 +1,6 @@
 """examples/train_ar.py end to end on a tiny random tokenizer and a tiny LlamaForCausalLM: the stored tokens are the
 tokenizer's, the tokenizer runs once, the sampled ids respect the layout and decode to exactly the saved grid."""
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,7 +11,7 @@ import PIL.Image
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import tiny_config_kwargs
+from conftest import load_example, tiny_config_kwargs
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
@@ -24,21 +23,10 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_ar.py"
 NUM_CODES, NUM_HEADS, IMAGE_SIZE = 64, 2, 8  # factor-2 tokenizer on 8x8 digits: 4x4 positions x 2 heads = 32 tokens
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("optvq_train_ar_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+train_ar = load_example("train_ar")
 
 
-train_ar = load_example()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)  # the Accelerator is a process-wide singleton: leave none behind
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +40,38 @@ def tokenizer_dir(tmp_path_factory):
 
 def run_args(tokenizer_dir, output_dir, *extra):
     return [
-        "--tokenizer", str(tokenizer_dir), "--output_dir", str(output_dir), "--image_size", str(IMAGE_SIZE),
-        "--max_train_samples", "60", "--max_train_steps", "3", "--batch_size", "8", "--hidden_size", "32",
-        "--num_layers", "1", "--num_attention_heads", "2", "--samples_per_class", "2", "--log_every", "1",
-        "--vocabulary", "per-head", "--order", "head-major", "--top_k", "20", "--temperature", "0.9", *extra,
-    ]  # fmt: skip
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output_dir",
+        str(output_dir),
+        "--image_size",
+        str(IMAGE_SIZE),
+        "--max_train_samples",
+        "60",
+        "--max_train_steps",
+        "3",
+        "--batch_size",
+        "8",
+        "--hidden_size",
+        "32",
+        "--num_layers",
+        "1",
+        "--num_attention_heads",
+        "2",
+        "--samples_per_class",
+        "2",
+        "--log_every",
+        "1",
+        "--vocabulary",
+        "per-head",
+        "--order",
+        "head-major",
+        "--top_k",
+        "20",
+        "--temperature",
+        "0.9",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")

@@ -18,59 +18,56 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
-from conftest import tiny_config_kwargs
+from conftest import load_example, tiny_config_kwargs
 from safetensors.torch import load_file
 
 from optvq_hf import OptVQConfig, OptVQModel
-from optvq_hf.losses import OptVQLoss, OptVQLossConfig
-from optvq_hf.training import (
+from optvq_hf.training.checkpointing import (
     STATE_FILENAME,
-    check_process_group,
     find_latest_checkpoint,
-    kmeans_init_codebook,
-    latent_rows,
     prune_checkpoints,
     resolve_checkpoint,
 )
+from optvq_hf.training.codebook_init import kmeans_init_codebook, latent_rows
+from optvq_hf.training.launch import check_process_group
+from optvq_hf.training.losses import OptVQLoss, OptVQLossConfig
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 TINY_DEFAULT = EXAMPLE.parent / "configs" / "tiny.yaml"
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("optvq_train_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # a dataclass resolves its annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-train = load_example()
+train = load_example("train")
 
 # The small plain CNN of the original MNIST setup, shrunk: 16x16 images, 4x4 positions x 4 heads, 16 codes of dim 2.
-SMALL_MODEL = dict(backbone="simple_cnn", resolution=16, base_channels=8, latent_channels=8, embed_dim=8, num_heads=4,
-                   num_codes=16)  # fmt: skip
+SMALL_MODEL = dict(
+    backbone="simple_cnn", resolution=16, base_channels=8, latent_channels=8, embed_dim=8, num_heads=4, num_codes=16
+)
 SMALL_DISCRIMINATOR = dict(disc_base_channels=8, disc_num_layers=2, perceptual_weight=0.0)
 BASE = dict(
-    dataset_name="builtin:digits", num_validation_images=8, train_batch_size=4, learning_rate=1e-3,
-    checkpointing_steps=100, logging_steps=2, image_logging_steps=2, report_to="none", num_grid_images=2,
+    dataset_name="builtin:digits",
+    num_validation_images=8,
+    train_batch_size=4,
+    learning_rate=1e-3,
+    checkpointing_steps=100,
+    logging_steps=2,
+    image_logging_steps=2,
+    report_to="none",
+    num_grid_images=2,
     validation_batch_size=8,
-)  # fmt: skip
+)
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state(monkeypatch, tmp_path):
+def offline_single_process(monkeypatch, tmp_path, fresh_accelerate_state):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached LPIPS weights: offline, as CI
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    AcceleratorState._reset_state(True)
     # One thread: these models are so small that a second thread only adds synchronisation, which costs seconds per
     # step on a machine shared with other jobs.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    AcceleratorState._reset_state(True)  # the Accelerator is a process-wide singleton: leave none behind
 
 
 def write_config(path: Path, model=None, loss=None, **fields) -> Path:
@@ -113,8 +110,16 @@ def test_full_objective_with_discriminator_and_outputs(tmp_path):
     tensorboard: every part of the objective moves the weights, and every output is written."""
     model = tiny_config_kwargs(resolution=16, num_codes=32)
     loss = dict(perceptual_weight=0.5, perceptual_pretrained=False, perceptual_backbone="vgg", disc_start=0)
-    config = write_config(tmp_path / "c.yaml", model=model, loss=loss, max_train_steps=2, checkpointing_steps=2,
-                          use_ema=True, report_to="tensorboard", train_crop_scale=[0.5, 1.0])  # fmt: skip
+    config = write_config(
+        tmp_path / "c.yaml",
+        model=model,
+        loss=loss,
+        max_train_steps=2,
+        checkpointing_steps=2,
+        use_ema=True,
+        report_to="tensorboard",
+        train_crop_scale=[0.5, 1.0],
+    )
     report = run(config, tmp_path / "out")
 
     logs = report["last_train_logs"]
@@ -150,9 +155,17 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
     data = tmp_path / "data"
     save_png_folder(data / "train", 1)
     save_png_folder(data / "validation", 1, seed=1)
-    config = write_config(tmp_path / "c.yaml", dataset_name=None, train_data_dir=str(data), dataset_repeats=4,
-                          random_flip=False, max_train_steps=40, learning_rate=1e-2, logging_steps=10,
-                          loss={"disc_loss_weight": 0.0, "disc_weight": 0.0})  # fmt: skip
+    config = write_config(
+        tmp_path / "c.yaml",
+        dataset_name=None,
+        train_data_dir=str(data),
+        dataset_repeats=4,
+        random_flip=False,
+        max_train_steps=40,
+        learning_rate=1e-2,
+        logging_steps=10,
+        loss={"disc_loss_weight": 0.0, "disc_weight": 0.0},
+    )
     report = run(config, tmp_path / "out")
     first, last = report["first_train_logs"], report["last_train_logs"]
     assert last["rec_loss"] < 0.5 * first["rec_loss"], (first, last)
@@ -163,9 +176,17 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
 def test_resume_equals_the_uninterrupted_run_and_skips_an_interrupted_checkpoint(tmp_path, monkeypatch):
     """6 steps with random crops, flips, gradient accumulation, discriminator, adaptive weight from step 2, EMA and a
     cosine schedule, versus: 3 steps, checkpoint, crash while writing the step-6 checkpoint, resume 'latest'."""
-    config = write_config(tmp_path / "c.yaml", max_train_steps=6, checkpointing_steps=3, gradient_accumulation_steps=2,
-                          train_crop_scale=[0.3, 1.0], use_ema=True, lr_scheduler="cosine", lr_warmup_steps=2,
-                          loss={"disc_start": 2})  # fmt: skip
+    config = write_config(
+        tmp_path / "c.yaml",
+        max_train_steps=6,
+        checkpointing_steps=3,
+        gradient_accumulation_steps=2,
+        train_crop_scale=[0.3, 1.0],
+        use_ema=True,
+        lr_scheduler="cosine",
+        lr_warmup_steps=2,
+        loss={"disc_start": 2},
+    )
     reference = tmp_path / "uninterrupted"
     run(config, reference)
 
@@ -201,9 +222,19 @@ def test_streaming_run_resumes_exactly(tmp_path):
     """A streamed imagefolder (shuffle buffer, decoding threads): 5 steps equal 3 steps + resume + 2 steps, across
     the end of an epoch (7 streamed images: 3 batches of 2, the last image dropped)."""
     data = save_png_folder(tmp_path / "data", 9)
-    config = write_config(tmp_path / "c.yaml", dataset_name=None, train_data_dir=str(data), streaming=True,
-                          num_validation_images=2, train_batch_size=2, shuffle_buffer_size=4, dataloader_num_workers=2,
-                          train_crop_scale=[0.3, 1.0], max_train_steps=5, checkpointing_steps=3)  # fmt: skip
+    config = write_config(
+        tmp_path / "c.yaml",
+        dataset_name=None,
+        train_data_dir=str(data),
+        streaming=True,
+        num_validation_images=2,
+        train_batch_size=2,
+        shuffle_buffer_size=4,
+        dataloader_num_workers=2,
+        train_crop_scale=[0.3, 1.0],
+        max_train_steps=5,
+        checkpointing_steps=3,
+    )
     run(config, tmp_path / "reference")
     run(config, tmp_path / "resumed", "--max_train_steps", "3")
     state = json.loads((tmp_path / "resumed" / "checkpoint-3" / "process_state_0.json").read_text())
@@ -229,7 +260,7 @@ def test_checkpoint_helpers(tmp_path):
     assert find_latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
 
 
-# ---------------------------------------------------------------------------------------------------- several processes
+# --------------------------------------------------------------------------------------------------- several processes
 TWO_RANKS = """
 import importlib.util, os, sys, warnings
 warnings.simplefilter("ignore")
@@ -257,13 +288,21 @@ debug_launcher(worker, args=(sys.argv[2], sys.argv[3], sys.argv[4:]), num_proces
 """
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path):
     """2 gloo ranks x 2 images = 1 process x 4 images: same weights (DDP averages the gradients, the Sinkhorn marginals
     are summed over the ranks), and the split batch gets the assignment of the whole batch. With k-means
     initialisation (gathered rows, broadcast codes) and the discriminator training (adversarial term off: its
     adaptive weight is computed per rank)."""
-    common = dict(max_train_steps=3, checkpointing_steps=3, train_crop_scale=[0.5, 1.0], kmeans_init=True,
-                  kmeans_init_batches=1, kmeans_iterations=5, loss={"disc_start": 100})  # fmt: skip
+    common = dict(
+        max_train_steps=3,
+        checkpointing_steps=3,
+        train_crop_scale=[0.5, 1.0],
+        kmeans_init=True,
+        kmeans_init_batches=1,
+        kmeans_iterations=5,
+        loss={"disc_start": 100},
+    )
     one_config = write_config(tmp_path / "one.yaml", train_batch_size=4, **common)
     two_config = write_config(tmp_path / "two.yaml", train_batch_size=2, **common)
     run(one_config, tmp_path / "one")
@@ -272,8 +311,13 @@ def test_two_processes_train_what_one_process_trains(tmp_path):
     torch.save(latents, tmp_path / "latents.pt")
     argv = ["--config", str(two_config), "--output_dir", str(tmp_path / "two")]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="yes")
-    done = subprocess.run([sys.executable, "-c", TWO_RANKS, str(EXAMPLE), str(tmp_path / "latents.pt"), str(tmp_path),
-                           *argv], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", TWO_RANKS, str(EXAMPLE), str(tmp_path / "latents.pt"), str(tmp_path), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["num_processes"] == 2 and report["global_batch_size"] == 4
@@ -340,11 +384,19 @@ def test_kmeans_init_with_several_heads():
         ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
         ({"model": {**SMALL_MODEL, "num_heads": 3}}, r"embed_dim \(8\) must be divisible by num_heads \(3\)"),
         ({"loss": {"disc_loss": "wasserstein"}}, "disc_loss must be one of"),
-        ({"loss": {"perceptual_weight": 1.0, "perceptual_pretrained": False, "disc_in_channels": 1},
-          "model": {**SMALL_MODEL, "in_channels": 1, "out_channels": 1}}, "LPIPS needs RGB images"),  # fmt: skip
+        (
+            {
+                "loss": {"perceptual_weight": 1.0, "perceptual_pretrained": False, "disc_in_channels": 1},
+                "model": {**SMALL_MODEL, "in_channels": 1, "out_channels": 1},
+            },
+            "LPIPS needs RGB images",
+        ),
         ({"dataset_name": "builtin:digits", "train_data_dir": "/tmp"}, "exactly one data source"),
-        pytest.param({"report_to": "wandb"}, "needs wandb: pip install wandb",
-                     marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed")),
+        pytest.param(
+            {"report_to": "wandb"},
+            "needs wandb: pip install wandb",
+            marks=pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb installed"),
+        ),
     ],
 )
 def test_bad_config_fields_fail_before_training(tmp_path, fields, message):
@@ -356,16 +408,40 @@ def test_bad_config_fields_fail_before_training(tmp_path, fields, message):
 
 
 def test_command_line_overrides_every_field(tmp_path):
-    config = train.parse_args(["--config", str(TINY_DEFAULT), "--learning_rate", "2e-4", "--resolution", "64",
-                               "--model.num_codes", "512", "--loss.disc_start", "7", "--train_crop_scale", "0.5,1",
-                               "--validation_steps", "null", "--use_ema", "true"])  # fmt: skip
+    config = train.parse_args(
+        [
+            "--config",
+            str(TINY_DEFAULT),
+            "--learning_rate",
+            "2e-4",
+            "--model.resolution",
+            "64",
+            "--model.num_codes",
+            "512",
+            "--loss.disc_start",
+            "7",
+            "--train_crop_scale",
+            "0.5",
+            "1",
+            "--validation_steps",
+            "null",
+            "--use_ema",
+            "true",
+        ]
+    )
     assert config.learning_rate == 2e-4 and config.model["resolution"] == 64 and config.model["num_codes"] == 512
-    assert config.loss["disc_start"] == 7 and config.train_crop_scale == (0.5, 1.0) and config.use_ema is True
+    assert config.loss["disc_start"] == 7 and config.train_crop_scale == [0.5, 1.0] and config.use_ema is True
     assert config.model["channel_multipliers"] == [1, 1, 1]  # untouched fields keep the file's values
-    with pytest.raises(ValueError, match="train_batch_size must be an integer"):
+    assert config.validation_steps is None
+    with pytest.raises(ValueError, match="--train_batch_size.*invalid int value: '2.5'"):
         train.parse_args(["--config", str(TINY_DEFAULT), "--train_batch_size", "2.5"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="unknown command-line argument '--no_such_flag'"):
         train.parse_args(["--config", str(TINY_DEFAULT), "--no_such_flag", "1"])
+    # A prefix abbreviation is refused, not read as the field it abbreviates.
+    with pytest.raises(ValueError, match="'--model.num_code'; did you mean '--model.num_codes'"):
+        train.parse_args(["--config", str(TINY_DEFAULT), "--model.num_code", "5"])
+    with pytest.raises(ValueError, match="'--learning_rat'; did you mean '--learning_rate'"):
+        train.parse_args(["--config", str(TINY_DEFAULT), "--learning_rat", "1"])
     with pytest.raises(ValueError, match="does not exist"):
         train.parse_args(["--config", str(tmp_path / "missing.yaml")])
 
@@ -384,16 +460,22 @@ def test_bad_data_fails_before_training(tmp_path):
         run(write_config(tmp_path / "c.yaml", **{**base, "train_data_dir": str(empty)}), tmp_path / "c")
     good = save_png_folder(tmp_path / "good", 6)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        run(write_config(tmp_path / "d.yaml", **{**base, "train_data_dir": str(good), "train_batch_size": 8}),
-            tmp_path / "d")
+        run(
+            write_config(tmp_path / "d.yaml", **{**base, "train_data_dir": str(good), "train_batch_size": 8}),
+            tmp_path / "d",
+        )
     for name in "abcd":
-        assert not list((tmp_path / name).glob("checkpoint-*")) and not (tmp_path / name / "model.safetensors").exists()
+        assert (
+            not list((tmp_path / name).glob("checkpoint-*")) and not (tmp_path / name / "model.safetensors").exists()
+        )
 
 
-# ------------------------------------------------------------------------------------------------------ example configs
+# ----------------------------------------------------------------------------------------------------- example configs
 def test_example_configs_hold_the_original_hyperparameters(tmp_path):
-    configs = {name: train.parse_args(["--config", str(EXAMPLE.parent / "configs" / f"{name}.yaml")])
-               for name in ("tiny", "imagenet_16x16x4", "imagenet_16x16x8", "mnist", "cifar10")}  # fmt: skip
+    configs = {
+        name: train.parse_args(["--config", str(EXAMPLE.parent / "configs" / f"{name}.yaml")])
+        for name in ("tiny", "imagenet_16x16x4", "imagenet_16x16x8", "mnist", "cifar10")
+    }
     models = {name: config.model_config() for name, config in configs.items()}
     losses = {name: config.loss_config() for name, config in configs.items()}
     for heads in (4, 8):
@@ -407,8 +489,14 @@ def test_example_configs_hold_the_original_hyperparameters(tmp_path):
         assert (config.adam_weight_decay, config.adam_epsilon, config.max_grad_norm) == (0.05, 1e-7, 1.0)
     for name, channels in (("mnist", 1), ("cifar10", 3)):
         model, loss = models[name], losses[name]
-        assert (model.backbone, model.in_channels, model.latent_resolution, model.num_heads, model.code_dim,
-                model.num_codes) == ("simple_cnn", channels, 8, 4, 2, 1024)  # fmt: skip
+        assert (
+            model.backbone,
+            model.in_channels,
+            model.latent_resolution,
+            model.num_heads,
+            model.code_dim,
+            model.num_codes,
+        ) == ("simple_cnn", channels, 8, 4, 2, 1024)
         assert loss.perceptual_weight == loss.disc_weight == loss.disc_loss_weight == 0.0
         assert configs[name].train_batch_size == 1024 and not configs[name].random_flip
     assert configs["cifar10"].image_column == "img"
@@ -417,9 +505,24 @@ def test_example_configs_hold_the_original_hyperparameters(tmp_path):
 
 
 def test_mnist_config_trains_on_the_offline_digits(tmp_path):
-    report = run(EXAMPLE.parent / "configs" / "mnist.yaml", tmp_path / "out", "--dataset_name", "builtin:digits",
-                 "--validation_split", "null", "--train_batch_size", "8", "--max_train_steps", "2",
-                 "--num_validation_images", "8", "--report_to", "none", "--dataloader_num_workers", "0")  # fmt: skip
+    report = run(
+        EXAMPLE.parent / "configs" / "mnist.yaml",
+        tmp_path / "out",
+        "--dataset_name",
+        "builtin:digits",
+        "--validation_split",
+        "null",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        "2",
+        "--num_validation_images",
+        "8",
+        "--report_to",
+        "none",
+        "--dataloader_num_workers",
+        "0",
+    )
     results = report["validation"]["model"]
     assert report["global_step"] == 2 and results["psnr"] == results["psnr_rgb"] > 0  # one channel: PSNR of it
     assert OptVQModel.from_pretrained(tmp_path / "out").config.in_channels == 1

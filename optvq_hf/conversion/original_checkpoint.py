@@ -66,7 +66,7 @@ def _listing(names: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-# -- reading -----------------------------------------------------------------------------------------------------------
+# -- reading ----------------------------------------------------------------------------------------------------------
 def hub_weight_file(folder: Path) -> Path:
     """The weights file of an original Hub-format folder."""
     for name in HUB_WEIGHT_FILES:
@@ -79,9 +79,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(
-            f"cannot read {path} as safetensors (corrupt or truncated file?): {error}"
-        ) from error
+        raise CheckpointError(f"cannot read {path} as safetensors (corrupt or truncated file?): {error}") from error
 
 
 def read_torch_pickle(path: Path) -> object:
@@ -131,7 +129,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     return content, str(path)
 
 
-# -- checking ----------------------------------------------------------------------------------------------------------
+# -- checking ---------------------------------------------------------------------------------------------------------
 def split_and_check(state_dict: dict[str, torch.Tensor], spec: OriginalModelSpec, source: str) -> OriginalWeights:
     """
     Strip the wrappers, separate the loss-only weights, and check the rest against the weights the original

@@ -10,8 +10,8 @@ decoder, quantizer and loss), written either
 
 Both are read into one `OriginalModelSpec`, with the original classes' own defaults filled in for absent fields (a
 field missing from the YAML means the class default, which is not always ours: the original encoder defaults to
-`double_z=True`, the quantizer to `loss_q_type="ce"` and `use_prob=True`). The translation guesses nothing: a field this
-package cannot reproduce, or does not know, is an error that names it.
+`double_z=True`, the quantizer to `loss_q_type="ce"` and `use_prob=True`). The translation guesses nothing: a field
+this package cannot reproduce, or does not know, is an error that names it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import yaml
 
 from optvq_hf import OptVQConfig
 
-# -- the original classes, by `target` ---------------------------------------------------------------------------------
+# -- the original classes, by `target` --------------------------------------------------------------------------------
 VQMODEL_TARGET = "optvq.models.vqgan.VQModel"
 ENCODER_TARGETS = {
     "optvq.models.backbone.diffusion.Encoder": "diffusion",
@@ -46,22 +46,45 @@ HUB_QUANTIZE_TYPES = {"optvq": "optvq", "basevq": "basevq"}
 # The constructors' defaults (REQUIRED: a keyword argument without default).
 REQUIRED = object()
 _DIFFUSION_ENCODER_FIELDS: dict[str, Any] = {
-    "ch": REQUIRED, "ch_mult": [1, 2, 4, 8], "num_res_blocks": REQUIRED, "attn_resolutions": REQUIRED, "dropout": 0.0,
-    "resamp_with_conv": True, "in_channels": REQUIRED, "resolution": REQUIRED, "z_channels": REQUIRED, "double_z": True,
-}  # fmt: skip
+    "ch": REQUIRED,
+    "ch_mult": [1, 2, 4, 8],
+    "num_res_blocks": REQUIRED,
+    "attn_resolutions": REQUIRED,
+    "dropout": 0.0,
+    "resamp_with_conv": True,
+    "in_channels": REQUIRED,
+    "resolution": REQUIRED,
+    "z_channels": REQUIRED,
+    "double_z": True,
+}
 _DIFFUSION_DECODER_FIELDS: dict[str, Any] = {
-    "ch": REQUIRED, "ch_mult": [1, 2, 4, 8], "num_res_blocks": REQUIRED, "attn_resolutions": REQUIRED, "dropout": 0.0,
-    "resamp_with_conv": True, "out_ch": REQUIRED, "resolution": REQUIRED, "z_channels": REQUIRED, "give_pre_end": False,
-}  # fmt: skip
+    "ch": REQUIRED,
+    "ch_mult": [1, 2, 4, 8],
+    "num_res_blocks": REQUIRED,
+    "attn_resolutions": REQUIRED,
+    "dropout": 0.0,
+    "resamp_with_conv": True,
+    "out_ch": REQUIRED,
+    "resolution": REQUIRED,
+    "z_channels": REQUIRED,
+    "give_pre_end": False,
+}
 # Fields the original accepts but that change nothing in the network (absorbed by `**ignore_kwargs`, or stored only).
 _DIFFUSION_ENCODER_INERT = {"out_ch"}
 _DIFFUSION_DECODER_INERT = {"in_channels", "double_z"}
 _SIMPLE_ENCODER_FIELDS: dict[str, Any] = {"in_dim": 3}
 _SIMPLE_DECODER_FIELDS: dict[str, Any] = {"out_dim": 3}
 _QUANTIZER_FIELDS: dict[str, Any] = {
-    "n_e": 1024, "e_dim": 128, "beta": 1.0, "use_norm": False, "use_proj": True, "fix_codes": False,
-    "loss_q_type": "ce", "num_head": 1, "start_quantize_steps": None,
-}  # fmt: skip
+    "n_e": 1024,
+    "e_dim": 128,
+    "beta": 1.0,
+    "use_norm": False,
+    "use_proj": True,
+    "fix_codes": False,
+    "loss_q_type": "ce",
+    "num_head": 1,
+    "start_quantize_steps": None,
+}
 _SINKHORN_FIELDS: dict[str, Any] = {"epsilon": 10.0, "n_iters": 5, "normalize_mode": "all", "use_prob": True}
 # VQModel arguments that do not shape the network: a weights file loaded at construction (its weights are in the state
 # dict anyway), the batch key, the metric to monitor.
@@ -70,8 +93,15 @@ _VQMODEL_FIELDS = {"encoder", "decoder", "quantize", "loss", "use_connector", "c
 _HUB_FIELDS = _VQMODEL_FIELDS | {"quantize_type"}
 # The encoder and decoder of this package share one set of these hyperparameters.
 _SHARED_BACKBONE_FIELDS = (
-    "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "resolution", "dropout", "resamp_with_conv",
-)  # fmt: skip
+    "ch",
+    "ch_mult",
+    "num_res_blocks",
+    "attn_resolutions",
+    "z_channels",
+    "resolution",
+    "dropout",
+    "resamp_with_conv",
+)
 NORMALIZE_MODES = {"all": "all", "dim": "dim", "null": "none"}
 # The plain CNN of the original MNIST / CIFAR-10 setups has fixed widths: 16 then 32 channels, 32 latent channels.
 SIMPLE_CNN_WIDTH = 32
@@ -237,10 +267,15 @@ class OriginalModelSpec:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record of the spec (for the model card and the loss-weights metadata)."""
         return {
-            "backbone": self.backbone, "encoder": self.encoder, "decoder": self.decoder,
-            "quantizer_type": self.quantizer_type, "quantizer": self.quantizer, "use_connector": self.use_connector,
-            "loss": self.loss, "resolution": self.resolution,
-        }  # fmt: skip
+            "backbone": self.backbone,
+            "encoder": self.encoder,
+            "decoder": self.decoder,
+            "quantizer_type": self.quantizer_type,
+            "quantizer": self.quantizer,
+            "use_connector": self.use_connector,
+            "loss": self.loss,
+            "resolution": self.resolution,
+        }
 
 
 def _normalized(value: Any) -> Any:
@@ -275,9 +310,18 @@ def _target_block(block: Any, what: str, source: str) -> tuple[str, dict[str, An
 
 
 def _spec(
-    encoder_target: str, encoder: dict, decoder_target: str, decoder: dict, quantizer_kind: str, quantizer: dict,
-    vqmodel: dict, allowed: set[str], loss: dict | None, resolution: int | None, source: str,
-) -> OriginalModelSpec:  # fmt: skip
+    encoder_target: str,
+    encoder: dict,
+    decoder_target: str,
+    decoder: dict,
+    quantizer_kind: str,
+    quantizer: dict,
+    vqmodel: dict,
+    allowed: set[str],
+    loss: dict | None,
+    resolution: int | None,
+    source: str,
+) -> OriginalModelSpec:
     backbone = ENCODER_TARGETS.get(encoder_target)
     if backbone is None:
         raise OriginalConfigError(
@@ -312,7 +356,7 @@ def _spec(
     )
 
 
-# -- readers -----------------------------------------------------------------------------------------------------------
+# -- readers ----------------------------------------------------------------------------------------------------------
 def spec_from_autoencoder_block(block: Any, source: str, resolution: int | None = None) -> OriginalModelSpec:
     """The spec of an `autoencoder:` block (`target: optvq.models.vqgan.VQModel`, `params: {...}`)."""
     target, params = _target_block(block, "autoencoder", source)
@@ -333,8 +377,19 @@ def spec_from_autoencoder_block(block: Any, source: str, resolution: int | None 
     if loss is not None:
         loss_target, loss_params = _target_block(loss, "loss", source)
         loss = {"target": loss_target, "params": loss_params}
-    return _spec(encoder_target, encoder, decoder_target, decoder, kind, quantizer, params, _VQMODEL_FIELDS, loss,
-                 resolution, source)
+    return _spec(
+        encoder_target,
+        encoder,
+        decoder_target,
+        decoder,
+        kind,
+        quantizer,
+        params,
+        _VQMODEL_FIELDS,
+        loss,
+        resolution,
+        source,
+    )
 
 
 def _data_resolution(document: dict) -> int | None:
@@ -378,7 +433,9 @@ def spec_from_hub_config(config: dict[str, Any], source: str = "config.json") ->
     if not isinstance(config, dict):
         raise OriginalConfigError(f"{source}: expected a JSON object, got {type(config).__name__}")
     if config.get("model_type") == "optvq":
-        raise OriginalConfigError(f"{source}: this is already an optvq-hf config (model_type 'optvq'), not an original")
+        raise OriginalConfigError(
+            f"{source}: this is already an optvq-hf config (model_type 'optvq'), not an original"
+        )
     for part in ("encoder", "decoder", "quantize"):
         if not isinstance(config.get(part), dict):
             raise OriginalConfigError(
@@ -396,8 +453,19 @@ def spec_from_hub_config(config: dict[str, Any], source: str = "config.json") ->
     )
     loss = config.get("loss")
     loss = {"target": "optvq.losses.aeloss_disc.AELossWithDisc", "params": loss} if loss is not None else None
-    return _spec(diffusion_encoder, config["encoder"], diffusion_decoder, config["decoder"], kind, config["quantize"],
-                 config, _HUB_FIELDS, loss, None, source)
+    return _spec(
+        diffusion_encoder,
+        config["encoder"],
+        diffusion_decoder,
+        config["decoder"],
+        kind,
+        config["quantize"],
+        config,
+        _HUB_FIELDS,
+        loss,
+        None,
+        source,
+    )
 
 
 def spec_from_hub_config_file(path: str | Path) -> OriginalModelSpec:
@@ -409,13 +477,21 @@ def spec_from_hub_config_file(path: str | Path) -> OriginalModelSpec:
     return spec_from_hub_config(config, source=str(path))
 
 
-# -- presets: the released ImageNet 256x256 models ---------------------------------------------------------------------
+# -- presets: the released ImageNet 256x256 models --------------------------------------------------------------------
 def _imagenet_f16_block(num_head: int) -> dict[str, Any]:
     """The `model: autoencoder:` block of the original configs/imagenet/optvq_256_f16_h{4,8}.yaml."""
     backbone = dict(
-        double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 1, 2, 2, 4],
-        num_res_blocks=2, attn_resolutions=[16], dropout=0.0,
-    )  # fmt: skip
+        double_z=False,
+        z_channels=256,
+        resolution=256,
+        in_channels=3,
+        out_ch=3,
+        ch=128,
+        ch_mult=[1, 1, 2, 2, 4],
+        num_res_blocks=2,
+        attn_resolutions=[16],
+        dropout=0.0,
+    )
     return {
         "target": VQMODEL_TARGET,
         "params": {
@@ -425,17 +501,33 @@ def _imagenet_f16_block(num_head: int) -> dict[str, Any]:
             "quantize": {
                 "target": "optvq.models.quantizer.VectorQuantizerSinkhorn",
                 "params": dict(
-                    n_e=16384, e_dim=256, beta=0.25, use_proj=True, fix_codes=False, epsilon=10, n_iters=5,
-                    normalize_mode="all", use_prob=False, start_quantize_steps=None, num_head=num_head,
+                    n_e=16384,
+                    e_dim=256,
+                    beta=0.25,
+                    use_proj=True,
+                    fix_codes=False,
+                    epsilon=10,
+                    n_iters=5,
+                    normalize_mode="all",
+                    use_prob=False,
+                    start_quantize_steps=None,
+                    num_head=num_head,
                     loss_q_type="l2",
-                ),  # fmt: skip
+                ),
             },
             "loss": {
                 "target": "optvq.losses.aeloss_disc.AELossWithDisc",
                 "params": dict(
-                    loss_l1_weight=1.0, loss_l2_weight=1.0, loss_p_weight=3.0, loss_q_weight=1.0, loss_g_weight=1.0,
-                    loss_d_weight=1.0, disc_in_channels=3, disc_num_layers=3, disc_start=150000,
-                ),  # fmt: skip
+                    loss_l1_weight=1.0,
+                    loss_l2_weight=1.0,
+                    loss_p_weight=3.0,
+                    loss_q_weight=1.0,
+                    loss_g_weight=1.0,
+                    loss_d_weight=1.0,
+                    disc_in_channels=3,
+                    disc_num_layers=3,
+                    disc_start=150000,
+                ),
             },
         },
     }

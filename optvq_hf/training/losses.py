@@ -123,8 +123,14 @@ class OptVQLossConfig:
     perceptual_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("l1_weight", "l2_weight", "perceptual_weight", "quantizer_weight", "disc_weight",
-                     "disc_loss_weight"):  # fmt: skip
+        for name in (
+            "l1_weight",
+            "l2_weight",
+            "perceptual_weight",
+            "quantizer_weight",
+            "disc_weight",
+            "disc_loss_weight",
+        ):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite non-negative number, got {value}.")

@@ -170,47 +170,108 @@ def verify_conversion(
     with inference_assignment(model, "nearest"):
         encoded = model.encode(ours(pixels))
     add(Check("latents vs original formulas", _max_abs(encoded.latents.cpu(), ref_latents), tolerance))
-    add(Check("decode(original quantized) vs original formulas",
-              _max_abs(model.decode(ours(ref_quantized)).sample.cpu(), reference.decode(ref_quantized)), tolerance))
-    add(Check("decode_indices(original indices) vs original decode_code",
-              _max_abs(model.decode_indices(ours(ref_indices)).sample.cpu(), reference.decode_code(ref_indices)),
-              tolerance))
+    add(
+        Check(
+            "decode(original quantized) vs original formulas",
+            _max_abs(model.decode(ours(ref_quantized)).sample.cpu(), reference.decode(ref_quantized)),
+            tolerance,
+        )
+    )
+    add(
+        Check(
+            "decode_indices(original indices) vs original decode_code",
+            _max_abs(model.decode_indices(ours(ref_indices)).sample.cpu(), reference.decode_code(ref_indices)),
+            tolerance,
+        )
+    )
     nearest_limit = int(MAX_NEAREST_INDEX_MISMATCH * ref_nearest.numel())
-    add(Check("indices, nearest, vs original formulas' argmin", _differ(encoded.indices.cpu(), ref_nearest),
-              nearest_limit, ref_nearest.numel()))
+    add(
+        Check(
+            "indices, nearest, vs original formulas' argmin",
+            _differ(encoded.indices.cpu(), ref_nearest),
+            nearest_limit,
+            ref_nearest.numel(),
+        )
+    )
     if rule == "sinkhorn":
         with inference_assignment(model, "sinkhorn"):
             sinkhorn_indices = model.encode(ours(pixels)).indices.cpu()
         # Not enforced: the original's float32 in-place scaling loses precision where a row's entries underflow.
-        add(Check("indices, sinkhorn, vs original float32 Sinkhorn", _differ(sinkhorn_indices, ref_indices), None,
-                  ref_indices.numel()))
+        add(
+            Check(
+                "indices, sinkhorn, vs original float32 Sinkhorn",
+                _differ(sinkhorn_indices, ref_indices),
+                None,
+                ref_indices.numel(),
+            )
+        )
 
-    # -- against outputs of the original code --------------------------------------------------------------------------
+    # -- against outputs of the original code -------------------------------------------------------------------------
     if reference_outputs is not None:
         outputs = reference_outputs
         if "latents" in outputs:
             add(Check("latents vs original outputs", _max_abs(encoded.latents.cpu(), outputs["latents"]), tolerance))
-            add(Check("(original formulas' latents vs original outputs)", _max_abs(ref_latents, outputs["latents"]),
-                      tolerance))
+            add(
+                Check(
+                    "(original formulas' latents vs original outputs)",
+                    _max_abs(ref_latents, outputs["latents"]),
+                    tolerance,
+                )
+            )
         if "quantized" in outputs and "reconstruction" in outputs:
-            add(Check("decode(original quantized) vs original reconstruction",
-                      _max_abs(model.decode(ours(outputs["quantized"])).sample.cpu(), outputs["reconstruction"]),
-                      tolerance))
+            add(
+                Check(
+                    "decode(original quantized) vs original reconstruction",
+                    _max_abs(model.decode(ours(outputs["quantized"])).sample.cpu(), outputs["reconstruction"]),
+                    tolerance,
+                )
+            )
         if "indices" in outputs and "reconstruction_from_indices" in outputs:
-            add(Check("decode_indices(original indices) vs original reconstruction",
-                      _max_abs(model.decode_indices(ours(outputs["indices"])).sample.cpu(),
-                               outputs["reconstruction_from_indices"]), tolerance))
+            add(
+                Check(
+                    "decode_indices(original indices) vs original reconstruction",
+                    _max_abs(
+                        model.decode_indices(ours(outputs["indices"])).sample.cpu(),
+                        outputs["reconstruction_from_indices"],
+                    ),
+                    tolerance,
+                )
+            )
         if "indices_nearest" in outputs:
             nearest_differ = _differ(encoded.indices.cpu(), outputs["indices_nearest"])
-            add(Check("indices, nearest, vs original argmin", nearest_differ, nearest_limit,
-                      outputs["indices_nearest"].numel()))
+            add(
+                Check(
+                    "indices, nearest, vs original argmin",
+                    nearest_differ,
+                    nearest_limit,
+                    outputs["indices_nearest"].numel(),
+                )
+            )
         if "indices" in outputs and rule == "sinkhorn":
-            add(Check("indices, sinkhorn, vs original outputs", _differ(sinkhorn_indices, outputs["indices"]), None,
-                      outputs["indices"].numel()))
-            add(Check("(original formulas' Sinkhorn indices vs original outputs)",
-                      _differ(ref_indices, outputs["indices"]), None, outputs["indices"].numel()))
+            add(
+                Check(
+                    "indices, sinkhorn, vs original outputs",
+                    _differ(sinkhorn_indices, outputs["indices"]),
+                    None,
+                    outputs["indices"].numel(),
+                )
+            )
+            add(
+                Check(
+                    "(original formulas' Sinkhorn indices vs original outputs)",
+                    _differ(ref_indices, outputs["indices"]),
+                    None,
+                    outputs["indices"].numel(),
+                )
+            )
     return report
 
 
-__all__ = ["Check", "VerificationReport", "fixed_batch", "inference_assignment", "original_assignment",
-           "verify_conversion"]
+__all__ = [
+    "Check",
+    "VerificationReport",
+    "fixed_batch",
+    "inference_assignment",
+    "original_assignment",
+    "verify_conversion",
+]

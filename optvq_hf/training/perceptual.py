@@ -225,7 +225,9 @@ class LPIPS(nn.Module):
     ) -> None:
         """Load the torchvision backbone file and the lpips heads file into this module (strict)."""
         files = WEIGHT_FILES[self.backbone]
-        backbone_file = resolve_weight_file(files["backbone"], backbone_path, cache_dir, "backbone_path", self.backbone)
+        backbone_file = resolve_weight_file(
+            files["backbone"], backbone_path, cache_dir, "backbone_path", self.backbone
+        )
         heads_file = resolve_weight_file(files["heads"], heads_path, cache_dir, "heads_path", self.backbone)
         state_dict = convert_torchvision_state_dict(_load(backbone_file))
         state_dict.update(convert_lpips_heads_state_dict(_load(heads_file)))

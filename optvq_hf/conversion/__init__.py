@@ -6,5 +6,8 @@
 - `original_keys`: original weight names -> `OptVQModel` names.
 - `original_reference`: the original network written from its formulas (the reference of `--verify`).
 - `verification`: the comparisons `--verify` runs.
-- `convert_original_to_hf`: the command-line tool (`python conversion/convert_original_to_hf.py --help`).
+- `convert`: the command-line tool (`python conversion/convert_original_to_hf.py --help`, or
+  `python -m optvq_hf.conversion --help`).
+
+Nothing here is imported by the model.
 """

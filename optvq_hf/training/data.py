@@ -36,7 +36,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .image_processing_optvq import OptVQImageProcessor
+from ..image_processing_optvq import OptVQImageProcessor
 
 BUILTIN_PREFIX = "builtin:"
 SKIMAGE_PHOTOS = "builtin:skimage-photos"
@@ -46,9 +46,19 @@ BUILTIN_DATASETS = (SKIMAGE_PHOTOS, DIGITS)
 # scikit-image sample photographs that ship inside its wheel (no pooch download), as of scikit-image 0.21 - 0.26:
 # 7 colour photos and 5 grayscale textures. `cat` is `chelsea` again; synthetic images and documents are left out.
 SKIMAGE_TRAIN_PHOTOS = (
-    "astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
-    "coins", "moon", "grass", "gravel", "brick",
-)  # fmt: skip
+    "astronaut",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "stereo_motorcycle",
+    "coins",
+    "moon",
+    "grass",
+    "gravel",
+    "brick",
+)
 # Whole photographs held out for validation: one colour, one grayscale.
 SKIMAGE_VALIDATION_PHOTOS = ("coffee", "camera")
 # The photos are rescaled so that their shorter side has this many pixels, so that a crop fraction means the same
@@ -207,8 +217,17 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     Yields lists of `(epoch, index)` keys for `TrainImages`.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, num_processes: int, rank: int, seed: int, epoch: int,
-                 start: int = 0, shuffle: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        num_processes: int,
+        rank: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        shuffle: bool = True,
+    ):
         self.num_samples, self.batch_size, self.num_processes, self.rank = num_samples, batch_size, num_processes, rank
         self.seed, self.epoch, self.start, self.shuffle = seed, epoch, start, shuffle
 
@@ -239,8 +258,16 @@ class TrainBatches:
     `state_dict()` is the position of the next batch; `load_state_dict` continues from there.
     """
 
-    def __init__(self, dataset: TrainImages, batch_size: int, num_processes: int, rank: int, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        dataset: TrainImages,
+        batch_size: int,
+        num_processes: int,
+        rank: int,
+        seed: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
         per_epoch = GlobalBatchSampler.batches_per_epoch(len(dataset), batch_size, num_processes)
         if per_epoch == 0:
             raise ValueError(
@@ -255,10 +282,20 @@ class TrainBatches:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while True:
-            sampler = GlobalBatchSampler(len(self.dataset), self.batch_size, self.num_processes, self.rank,
-                                         self.seed, self.epoch, start=self.batch)  # fmt: skip
+            sampler = GlobalBatchSampler(
+                len(self.dataset),
+                self.batch_size,
+                self.num_processes,
+                self.rank,
+                self.seed,
+                self.epoch,
+                start=self.batch,
+            )
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                self.dataset,
+                batch_sampler=sampler,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
                 # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise, which
                 # would make the random state after a resume differ from the uninterrupted run's.
                 generator=torch.Generator().manual_seed(self.seed + self.epoch),
@@ -287,8 +324,16 @@ class StreamingTrainBatches:
     `stream` should already be this process's share (`shard_stream`).
     """
 
-    def __init__(self, stream: Any, image_column: str, transform: RandomCropTransform, batch_size: int, seed: int,
-                 rank: int, num_threads: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        stream: Any,
+        image_column: str,
+        transform: RandomCropTransform,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        num_threads: int = 0,
+    ):
         self.stream, self.image_column, self.transform = stream, image_column, transform
         self.batch_size, self.seed, self.rank, self.num_threads = batch_size, seed, rank, max(1, num_threads)
         self.epoch, self.position = 0, 0
@@ -482,8 +527,10 @@ def check_images(images: ImageList, count: int) -> None:
 def _load_builtin(name: str, num_validation_images: int) -> ImageSplits:
     if name == SKIMAGE_PHOTOS:
         train, validation = skimage_photos()
-        description = (f"{len(train)} scikit-image sample photos for training, "
-                       f"{len(SKIMAGE_VALIDATION_PHOTOS)} held out ({', '.join(SKIMAGE_VALIDATION_PHOTOS)})")
+        description = (
+            f"{len(train)} scikit-image sample photos for training, "
+            f"{len(SKIMAGE_VALIDATION_PHOTOS)} held out ({', '.join(SKIMAGE_VALIDATION_PHOTOS)})"
+        )
     elif name == DIGITS:
         train, validation = sklearn_digits()
         description = f"scikit-learn digits: {len(train)} for training, {len(validation)} held out"
@@ -520,11 +567,13 @@ def skimage_photos(validation_tile_fraction: float = 1 / 6) -> tuple[list[PIL.Im
     per_photo = []
     for name in SKIMAGE_VALIDATION_PHOTOS:
         photo = load(name)
-        per_photo.append([
-            photo.crop((left, top, left + side, top + side))
-            for top in range(0, photo.height - side + 1, side)
-            for left in range(0, photo.width - side + 1, side)
-        ])
+        per_photo.append(
+            [
+                photo.crop((left, top, left + side, top + side))
+                for top in range(0, photo.height - side + 1, side)
+                for left in range(0, photo.width - side + 1, side)
+            ]
+        )
     # Interleaved (a tile of each photo in turn), so that the first n tiles sample every held-out photo.
     tiles = [tile for group in itertools.zip_longest(*per_photo) for tile in group if tile is not None]
     return train, tiles

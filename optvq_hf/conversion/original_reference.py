@@ -23,7 +23,7 @@ from .original_config import OriginalModelSpec
 Shapes = dict[str, tuple[int, ...]]
 
 
-# -- the original's weights --------------------------------------------------------------------------------------------
+# -- the original's weights -------------------------------------------------------------------------------------------
 def _conv(shapes: Shapes, name: str, out_channels: int, in_channels: int, kernel: int) -> None:
     shapes[f"{name}.weight"] = (out_channels, in_channels, kernel, kernel)
     shapes[f"{name}.bias"] = (out_channels,)
@@ -103,7 +103,10 @@ def _simple_cnn_shapes(shapes: Shapes, encoder: dict, decoder: dict) -> tuple[in
     _conv(shapes, "encoder.conv2", 32, 16, 3)
     _conv(shapes, "encoder.out_fc", 32, 32, 3)
     _conv(shapes, "decoder.in_fc", 32, 32, 3)
-    shapes["decoder.up1.weight"], shapes["decoder.up1.bias"] = (32, 16, 2, 2), (16,)  # ConvTranspose2d: (in, out, k, k)
+    shapes["decoder.up1.weight"], shapes["decoder.up1.bias"] = (
+        (32, 16, 2, 2),
+        (16,),
+    )  # ConvTranspose2d: (in, out, k, k)
     _conv(shapes, "decoder.conv1", 16, 16, 3)
     shapes["decoder.up2.weight"], shapes["decoder.up2.bias"] = (16, 16, 2, 2), (16,)
     _conv(shapes, "decoder.conv2", 16, 16, 3)
@@ -152,7 +155,7 @@ def random_original_state_dict(spec: OriginalModelSpec, seed: int = 0) -> dict[s
     return weights
 
 
-# -- the original's forward pass ---------------------------------------------------------------------------------------
+# -- the original's forward pass --------------------------------------------------------------------------------------
 def original_sinkhorn(cost: torch.Tensor, iterations: int, epsilon: float) -> torch.Tensor:
     """The original `sinkhorn(cost, n_iters, epsilon)` (single process): float32 scaling in place, +1e-8 guards."""
     plan = torch.exp(-cost * epsilon).t()  # (K, N)
