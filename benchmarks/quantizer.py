@@ -76,7 +76,7 @@ class LogDomainSinkhornQuantizer(SinkhornQuantizer):
     """This package's quantizer with the solver forced into the log domain, for comparison."""
 
     def forward(self, z: torch.Tensor):
-        import optvq_hf.quantization as quantization
+        import optvq_hf.assignment as quantization
 
         limit, quantization.EXP_DOMAIN_MAX_SPREAD = quantization.EXP_DOMAIN_MAX_SPREAD, -1.0
         try:
@@ -355,7 +355,7 @@ def spread_sources():
 
 def report_spreads() -> None:
     """Prints the spread of the log-kernel and the path the solver takes, with the number of repaired sums."""
-    import optvq_hf.quantization as quantization
+    import optvq_hf.assignment as quantization
 
     repairs = {"rows": 0, "codes": 0}
     log_block = quantization._Kernel.log_block

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from original_formulas import original_indices, original_plan
 from safetensors.torch import load_file
 
-import optvq_hf.quantization as quantization
+import optvq_hf.assignment as assignment
 from optvq_hf import SinkhornQuantizer, VectorQuantizer, sinkhorn
 
 
@@ -112,7 +112,7 @@ def test_sinkhorn_matches_the_fixture_plan():
 @pytest.mark.parametrize("mode", ["all", "dim", "none"])
 @pytest.mark.parametrize("path", ["exp", "log"])
 def test_training_assignment_equals_the_float64_original(mode, path, monkeypatch):
-    monkeypatch.setattr(quantization, "EXP_DOMAIN_MAX_SPREAD", 1e9 if path == "exp" else -1.0)
+    monkeypatch.setattr(assignment, "EXP_DOMAIN_MAX_SPREAD", 1e9 if path == "exp" else -1.0)
     quantizer = make_quantizer(cost_normalization=mode, epsilon=1.0 if mode == "none" else 10.0, chunk_size=100)
     quantizer.train()
     z = torch.randn(8, 32, 4, 4) * 0.5
@@ -136,8 +136,8 @@ def test_fixture_sinkhorn_indices_equal_the_exact_plan_and_differ_from_the_origi
     )
     with torch.no_grad():
         indices = quantizer(reference["latents"]).indices
-        nearest = quantizer.eval().__class__.nearest_codes(
-            quantizer, reference["latents"].permute(0, 2, 3, 1).reshape(-1, 8), quantizer.codebook()
+        nearest = assignment.nearest_codes(
+            reference["latents"].permute(0, 2, 3, 1).reshape(-1, 8), quantizer.codebook()
         )
     rows = reference["latents"].permute(0, 2, 3, 1).reshape(-1, 8)
     exact = original_indices(rows, quantizer.codebook()).reshape(8, 8, 8, 4).permute(0, 3, 1, 2)
@@ -225,12 +225,12 @@ def test_eval_makes_no_collective_call_and_training_does(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("collective called")
 
-    monkeypatch.setattr(quantization.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(quantization.dist, "get_world_size", lambda *a: 2)
-    monkeypatch.setattr(quantization.dist, "all_reduce", forbidden)
+    monkeypatch.setattr(assignment.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(assignment.dist, "get_world_size", lambda *a: 2)
+    monkeypatch.setattr(assignment.dist, "all_reduce", forbidden)
     z = torch.randn(2, 32, 4, 4)
-    for assignment in ("nearest", "sinkhorn"):
-        make_quantizer(inference_assignment=assignment).eval()(z)
+    for rule in ("nearest", "sinkhorn"):
+        make_quantizer(inference_assignment=rule).eval()(z)
     with pytest.raises(AssertionError, match="collective"):
         make_quantizer().train()(z)
 

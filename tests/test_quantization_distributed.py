@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import optvq_hf.quantization as quantization
+import optvq_hf.assignment as quantization
 from optvq_hf import SinkhornQuantizer
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 from original_formulas import normalize_cost, original_indices, original_plan
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import optvq_hf.quantization as quantization
+import optvq_hf.assignment as quantization
 from optvq_hf import SinkhornQuantizer
 
 
