@@ -1,4 +1,4 @@
-"""The one image-grid writer of the scripts: reconstruction grids (originals above reconstructions) and sample grids."""
+"""The one image-grid writer of the scripts: reconstruction grids (originals above reconstructions), sample grids."""
 
 from __future__ import annotations
 
