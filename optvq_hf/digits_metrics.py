@@ -77,14 +77,18 @@ def train_digits_classifier(
 def classifier_features(model: DigitsClassifier, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Penultimate features (N, feature_dim) of images (N, 1, H, W) in [-1, 1]."""
     model.eval()
-    return torch.cat([model.features(images[i : i + batch_size].float()) for i in range(0, images.shape[0], batch_size)])
+    return torch.cat(
+        [model.features(images[i : i + batch_size].float()) for i in range(0, images.shape[0], batch_size)]
+    )
 
 
 @torch.no_grad()
 def class_accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of images the classifier assigns to their intended class."""
     if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
-        raise ValueError(f"need as many labels as images (> 0), got {images.shape[0]} images, {labels.shape[0]} labels")
+        raise ValueError(
+            f"need as many labels as images (> 0), got {images.shape[0]} images, {labels.shape[0]} labels"
+        )
     predictions = model.head(classifier_features(model, images)).argmax(dim=1)
     return float((predictions == labels.to(predictions.device)).double().mean())
 

@@ -73,7 +73,9 @@ class TokenGeneratorConfig(PretrainedConfig):
         if not 0.0 <= class_dropout < 1.0:
             raise ValueError(f"TokenGeneratorConfig.class_dropout must be in [0, 1), got {class_dropout}")
         if hidden_size % num_attention_heads:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_attention_heads {num_attention_heads}")
+            raise ValueError(
+                f"hidden_size {hidden_size} must be divisible by num_attention_heads {num_attention_heads}"
+            )
         self.num_codes = num_codes
         self.codes_per_step = codes_per_step
         self.num_steps = num_steps
