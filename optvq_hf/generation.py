@@ -156,7 +156,8 @@ class TokenGenerator(PreTrainedModel):
         batch, steps, per_step = codes.shape
         if steps != self.config.num_steps or per_step != self.config.codes_per_step:
             raise ValueError(
-                f"codes must be (batch, {self.config.num_steps}, {self.config.codes_per_step}), got {tuple(codes.shape)}"
+                f"codes must be (batch, {self.config.num_steps}, {self.config.codes_per_step}), "
+                f"got {tuple(codes.shape)}"
             )
         if labels is None:
             labels = torch.full((batch,), self.null_class, dtype=torch.long, device=codes.device)
