@@ -59,9 +59,17 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, get_scheduler
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    get_scheduler,
+)
 
 from optvq_hf import OptVQImageProcessor, OptVQModel, TokenLayout
+from optvq_hf.generation import process_logits
 from optvq_hf.tokens import ORDERS, VOCABULARIES
 from optvq_hf.training.cli import parse_options
 
@@ -129,6 +137,14 @@ class ArOptions:
     top_k: int = option(0, "sample among the k likeliest ids (0: all)")
     top_p: float = option(1.0, "sample among the likeliest ids of this total probability (1.0: all)")
     grid_scale: int = option(2, "integer upscaling of the saved grids")
+    class_dropout: float = option(
+        0.1, "probability of replacing the class token by the null-class token in training (for --cfg_scale)"
+    )
+    cfg_scale: float = option(
+        1.0,
+        "classifier-free guidance: logits uncond + scale * (cond - uncond), both branches in one batched forward "
+        "(1.0: plain conditional sampling with `generate`)",
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ArOptions:
@@ -173,6 +189,10 @@ def check_args(args: ArOptions) -> None:
         raise ValueError(f"--temperature must be positive, got {args.temperature}")
     if args.top_k < 0:
         raise ValueError(f"--top_k must be >= 0, got {args.top_k}")
+    if not 0.0 <= args.class_dropout < 1.0:
+        raise ValueError(f"--class_dropout must be in [0, 1), got {args.class_dropout}")
+    if args.cfg_scale < 0:
+        raise ValueError(f"--cfg_scale must be >= 0, got {args.cfg_scale}")
     if not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.learning_rate <= 0 or args.warmup_steps < 0 or args.weight_decay < 0:
@@ -334,7 +354,9 @@ class SequenceFormat:
         self.num_classes = num_classes
         self.boi_id = layout.vocab_size
         self.class_offset = layout.vocab_size + 1
-        self.vocab_size = layout.vocab_size + 1 + num_classes
+        # one more class token than classes: the null class of classifier-free guidance (id class_offset + C)
+        self.null_class = num_classes
+        self.vocab_size = layout.vocab_size + 1 + num_classes + (1 if num_classes else 0)
         self.prefix_length = 2 if num_classes else 1
 
     def prompts(self, labels: torch.Tensor | None, batch_size: int) -> torch.LongTensor:
@@ -344,8 +366,16 @@ class SequenceFormat:
             return boi
         return torch.cat([labels.long().view(-1, 1) + self.class_offset, boi], dim=1)
 
-    def sequences(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token sequences with their prompt, and the training labels (the prompt is not a target)."""
+    def sequences(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None, class_dropout: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Token sequences with their prompt, and the training labels (the prompt is not a target); with
+        `class_dropout`, each label is replaced by the null class with that probability.
+        """
+        if labels is not None and class_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < class_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         sequence = torch.cat([self.prompts(labels, input_ids.shape[0]).to(input_ids.device), input_ids.long()], dim=1)
         targets = sequence.clone()
         targets[:, : self.prefix_length] = -100
@@ -362,6 +392,7 @@ class SequenceFormat:
             "boi_id": self.boi_id,
             "class_offset": self.class_offset,
             "num_classes": self.num_classes,
+            "null_class_id": self.class_offset + self.null_class if self.num_classes else None,
             "prefix_length": self.prefix_length,
         }
 
@@ -387,6 +418,8 @@ def sample_tokens(
     model: LlamaForCausalLM, fmt: SequenceFormat, labels: torch.Tensor | None, num: int, args: ArOptions
 ) -> torch.LongTensor:
     """(num, L) image-token ids sampled with `generate`, for the given class labels (or unconditionally)."""
+    if labels is not None and fmt.num_classes and args.cfg_scale != 1.0:
+        return sample_tokens_cfg(model, fmt, labels, args)
     device = next(model.parameters()).device
     prompts = fmt.prompts(labels, num).to(device)
     length = fmt.layout.sequence_length
@@ -404,6 +437,32 @@ def sample_tokens(
         eos_token_id=None,
     )
     return output[:, prompts.shape[1] :].cpu()
+
+
+@torch.no_grad()
+def sample_tokens_cfg(
+    model: LlamaForCausalLM, fmt: SequenceFormat, labels: torch.Tensor, args: ArOptions
+) -> torch.LongTensor:
+    """
+    Classifier-free guidance as in LlamaGen: the class prompts and null-class prompts run as one batch of 2B with the
+    KV cache; each step samples from `cond + (cfg_scale - 1) * (cond - uncond)` (after the layout's id mask,
+    temperature, top-k, top-p) and feeds the same token to both branches.
+    """
+    device = next(model.parameters()).device
+    batch = labels.shape[0]
+    cond = fmt.prompts(labels, batch)
+    uncond = fmt.prompts(torch.full_like(labels, fmt.null_class), batch)
+    inputs = torch.cat([cond, uncond]).to(device)
+    mask = ImageTokenRange(fmt.layout, inputs.shape[1])
+    cache, generated = DynamicCache(), inputs
+    for _ in range(fmt.layout.sequence_length):
+        logits = model(input_ids=inputs, cache=cache, use_cache=True).logits[:, -1].float()
+        logits = logits[:batch] + (args.cfg_scale - 1.0) * (logits[:batch] - logits[batch:])
+        logits = process_logits(mask(generated[:batch], logits), args.temperature, args.top_k, args.top_p)
+        token = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+        inputs = torch.cat([token, token])
+        generated = torch.cat([generated, inputs], dim=1)
+    return generated[:batch, cond.shape[1] :].cpu()
 
 
 def image_grid(images: np.ndarray, columns: int, scale: int = 1, pad: int = 1) -> PIL.Image.Image:
@@ -558,7 +617,7 @@ def train(
     while len(losses) < args.max_train_steps:
         for batch in train_loader:
             with accelerator.accumulate(model):
-                sequence, targets = fmt.sequences(batch["input_ids"], batch.get("label"))
+                sequence, targets = fmt.sequences(batch["input_ids"], batch.get("label"), args.class_dropout)
                 loss = model(input_ids=sequence, labels=targets).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

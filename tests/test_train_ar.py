@@ -133,8 +133,14 @@ def test_generator_is_saved_with_its_layout(finished_run):
     output_dir, _ = finished_run
     generator = LlamaForCausalLM.from_pretrained(output_dir / "generator")
     layout = json.loads((output_dir / "generator" / "token_layout.json").read_text())
-    assert generator.config.vocab_size == 128 + 1 + 10 and generator.config.num_hidden_layers == 1
-    assert (layout["boi_id"], layout["class_offset"], layout["prefix_length"]) == (128, 129, 2)
+    # image ids, BOI, 10 classes and the null class of classifier-free guidance
+    assert generator.config.vocab_size == 128 + 1 + 10 + 1 and generator.config.num_hidden_layers == 1
+    assert (layout["boi_id"], layout["class_offset"], layout["prefix_length"], layout["null_class_id"]) == (
+        128,
+        129,
+        2,
+        139,
+    )
     assert layout["class_names"] == [str(d) for d in range(10)] and layout["latent_shape"] == [4, 4]
 
 
@@ -186,3 +192,30 @@ def test_the_demo_config_file_sets_the_flags_and_the_command_line_wins(tmp_path)
     with pytest.raises(ValueError, match="--tokenizer is required"):
         train_ar.parse_args([])
     assert train_ar.parse_args(["--tokenizer", "t", "--no_class_conditional"]).class_conditional is False
+
+
+def test_cfg_loop_with_scale_one_matches_generate_and_guidance_uses_the_null_class():
+    torch.manual_seed(0)
+    layout = TokenLayout(8, 2, (2, 2), order="position-major", vocabulary="per-head")
+    fmt = train_ar.SequenceFormat(layout, num_classes=3)
+    assert fmt.vocab_size == 16 + 1 + 3 + 1 and fmt.null_class == 3
+    args = train_ar.parse_args(["--tokenizer", "t", "--hidden_size", "32", "--num_layers", "1"])
+    args.num_attention_heads, args.top_k, args.temperature = 2, 1, 1.0  # top-1: deterministic tokens
+    model = LlamaForCausalLM(train_ar.transformer_config(args, fmt)).eval()
+    labels = torch.tensor([0, 2, 1])
+    greedy = train_ar.sample_tokens(model, fmt, labels, 3, args)  # cfg_scale 1: generate
+    args.cfg_scale = 1.0
+    assert torch.equal(train_ar.sample_tokens_cfg(model, fmt, labels, args), greedy)
+    # the first token under guidance: argmax of uncond + s (cond - uncond) within the first place's ids
+    args.cfg_scale = 3.0
+    guided = train_ar.sample_tokens(model, fmt, labels, 3, args)
+    low, high = layout.id_bounds()
+    assert ((guided >= low) & (guided < high)).all()
+    with torch.no_grad():
+        cond = model(input_ids=fmt.prompts(labels, 3)).logits[:, -1]
+        uncond = model(input_ids=fmt.prompts(torch.full_like(labels, 3), 3)).logits[:, -1]
+    mixed = (uncond + 3.0 * (cond - uncond))[:, int(low[0]) : int(high[0])]
+    assert torch.equal(guided[:, 0], mixed.argmax(-1) + int(low[0]))
+    # class dropout: with p ~ 1 every class token is the null class's
+    sequence, _ = fmt.sequences(torch.zeros(4, 8, dtype=torch.long), torch.tensor([0, 1, 2, 0]), class_dropout=0.999)
+    assert (sequence[:, 0] == fmt.class_offset + fmt.null_class).all()
