@@ -2,7 +2,8 @@
 """
 An autoregressive image generator on OptVQ tokens: tokenize a dataset once with a trained OptVQ tokenizer, train a
 small decoder-only transformer (`LlamaForCausalLM` built from a config) on the token sequences, sample it with
-`generate` (temperature, top-k), decode the samples with the tokenizer and save a PNG grid.
+`generate` (temperature, top-k, top-p; classifier-free guidance), decode the samples with the tokenizer and save a
+PNG grid.
 
 Launch (from the repository root):
 
@@ -26,6 +27,13 @@ The sequence of an image is `[class] [BOI] t_1 ... t_L` (or `[BOI] t_1 ... t_L` 
 `num_heads` tokens of a latent position adjacent, positions in raster order) or `head-major`; `--vocabulary shared`
 (default: ids in [0, num_codes)) or `per-head` (head j uses [j * num_codes, (j + 1) * num_codes)). While sampling, a
 logits processor allows at each step only the ids valid at that place of the sequence, so every sample decodes.
+
+Classifier-free guidance (LlamaGen's): in training each class token is replaced with probability `--class_dropout`
+by a null-class token (id `V + 1 + C`); `--cfg_scale s` (not 1) samples with the class prompt and the null-class
+prompt as one batch and the logits `uncond + s * (cond - uncond)`, then temperature, top-k and top-p. The
+position-level generator (all heads of a latent position per step) is `optvq_hf.generation.TokenGenerator`, compared
+with this flat one in benchmarks/generation.py. `--token_dataset` trains from a pre-tokenized dataset
+(`optvq_hf.training.token_data.load_token_dataset`) instead of tokenizing images here.
 
 The tokenizer runs once: the token sequences are stored with `datasets.save_to_disk` under `--token_cache_dir`
 (default `<output_dir>/tokens`) and reused by later runs with the same tokenizer weights, data and layout.
