@@ -114,13 +114,18 @@ def generate(generator, tokenizer, cfg_scale, per_class, seed, heads, side):
     return images, labels, (time.perf_counter() - start) / labels.numel()
 
 
-def save_grid(images, path, per_class, scale=3):
+def save_grid(images, path, per_class, scale=3, pad=2):
+    """One row per class (the first 10 samples of each), cells separated by `pad` grey pixels."""
     columns = min(10, per_class)
     images = ((images[:, 0] + 1) * 127.5).round().byte().numpy()  # (N, H, W), classes in blocks of per_class
-    rows = [np.concatenate(list(images[c * per_class : c * per_class + columns]), axis=1) for c in range(10)]
-    PIL.Image.fromarray(np.concatenate(rows, axis=0)).resize(
-        (columns * images.shape[2] * scale, 10 * images.shape[1] * scale), PIL.Image.Resampling.NEAREST
-    ).save(path)
+    height, width = images.shape[1:]
+    grid = np.full((10 * (height + pad) + pad, columns * (width + pad) + pad), 128, dtype=np.uint8)
+    for row in range(10):
+        for column in range(columns):
+            top, left = pad + row * (height + pad), pad + column * (width + pad)
+            grid[top : top + height, left : left + width] = images[row * per_class + column]
+    picture = PIL.Image.fromarray(grid)
+    picture.resize((picture.width * scale, picture.height * scale), PIL.Image.Resampling.NEAREST).save(path)
 
 
 def main():
