@@ -130,8 +130,8 @@ def save_grid(images, path, per_class, scale=3, pad=2):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer_steps", type=int, default=300)
-    parser.add_argument("--generator_steps", type=int, default=300)
+    parser.add_argument("--tokenizer_steps", type=int, default=800)
+    parser.add_argument("--generator_steps", type=int, default=600)
     parser.add_argument("--per_class", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--out", default="docs")
