@@ -219,3 +219,52 @@ def test_cfg_loop_with_scale_one_matches_generate_and_guidance_uses_the_null_cla
     # class dropout: with p ~ 1 every class token is the null class's
     sequence, _ = fmt.sequences(torch.zeros(4, 8, dtype=torch.long), torch.tensor([0, 1, 2, 0]), class_dropout=0.999)
     assert (sequence[:, 0] == fmt.class_offset + fmt.null_class).all()
+
+
+def test_token_dataset_trains_from_pretokenized_rows(tokenizer_dir, tmp_path, monkeypatch):
+    """--token_dataset reads `load_token_dataset`'s rows (tokens, label, index, variant) and never tokenizes; the
+    reader is stood in by a module in sys.modules (its on-disk format belongs to optvq_hf.training.token_data)."""
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    layout = TokenLayout(NUM_CODES, NUM_HEADS, (4, 4), order="head-major", vocabulary="per-head")
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, NUM_CODES, (40, NUM_HEADS, 4, 4), generator=generator)
+    rows = datasets.Dataset.from_dict(
+        {
+            "tokens": layout.to_tokens(indices).tolist(),
+            "label": [i % 10 for i in range(40)],
+            "index": list(range(40)),
+            "variant": [0] * 40,
+        }
+    )
+
+    @dataclass
+    class FakeTokenDataset:
+        dataset: datasets.Dataset
+        layout: TokenLayout
+        metadata: dict
+        num_classes: int
+
+    calls = []
+    module = types.ModuleType("optvq_hf.training.token_data")
+    module.load_token_dataset = lambda path, split=None: (
+        calls.append((path, split)) or FakeTokenDataset(rows, layout, {}, 10)
+    )
+    monkeypatch.setitem(sys.modules, "optvq_hf.training.token_data", module)
+    monkeypatch.setattr(OptVQModel, "tokenize", lambda *a, **k: pytest.fail("--token_dataset must not tokenize"))
+    args = run_args(tokenizer_dir, tmp_path, "--token_dataset", "some/tokens", "--max_train_steps", "2")
+    summary = train_ar.main(args)
+    assert calls == [("some/tokens", "train")]
+    assert summary["images"] == 40 and summary["tokens_per_image"] == 32 and summary["steps"] == 2
+    sampled = load_file(tmp_path / "samples.safetensors")
+    assert sampled["token_ids"].shape == (20, 32)
+    low, high = layout.id_bounds()
+    assert ((sampled["token_ids"] >= low) & (sampled["token_ids"] < high)).all()
+    # a tokenizer with other heads cannot decode these tokens: a clear error
+    other = layout.__class__(NUM_CODES, 4, (4, 4), order="head-major", vocabulary="per-head")
+    module.load_token_dataset = lambda path, split=None: FakeTokenDataset(rows, other, {}, 10)
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="pass the tokenizer that made the tokens"):
+        train_ar.main(args)
