@@ -2,7 +2,8 @@
 """
 An autoregressive image generator on OptVQ tokens: tokenize a dataset once with a trained OptVQ tokenizer, train a
 small decoder-only transformer (`LlamaForCausalLM` built from a config) on the token sequences, sample it with
-`generate` (temperature, top-k), decode the samples with the tokenizer and save a PNG grid.
+`generate` (temperature, top-k, top-p; classifier-free guidance), decode the samples with the tokenizer and save a
+PNG grid.
 
 Launch (from the repository root):
 
@@ -27,6 +28,13 @@ The sequence of an image is `[class] [BOI] t_1 ... t_L` (or `[BOI] t_1 ... t_L` 
 (default: ids in [0, num_codes)) or `per-head` (head j uses [j * num_codes, (j + 1) * num_codes)). While sampling, a
 logits processor allows at each step only the ids valid at that place of the sequence, so every sample decodes.
 
+Classifier-free guidance (LlamaGen's): in training each class token is replaced with probability `--class_dropout`
+by a null-class token (id `V + 1 + C`); `--cfg_scale s` (not 1) samples with the class prompt and the null-class
+prompt as one batch and the logits `uncond + s * (cond - uncond)`, then temperature, top-k and top-p. The
+position-level generator (all heads of a latent position per step) is `optvq_hf.generation.TokenGenerator`, compared
+with this flat one in benchmarks/generation.py. `--token_dataset` trains from a pre-tokenized dataset
+(`optvq_hf.training.token_data.load_token_dataset`) instead of tokenizing images here.
+
 The tokenizer runs once: the token sequences are stored with `datasets.save_to_disk` under `--token_cache_dir`
 (default `<output_dir>/tokens`) and reused by later runs with the same tokenizer weights, data and layout.
 
@@ -43,124 +51,125 @@ round trip, the quality ceiling of the generator), `generator/` (the transformer
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 import numpy as np
 import PIL.Image
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor, LogitsProcessorList, get_scheduler
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessor,
+    LogitsProcessorList,
+    get_scheduler,
+)
 
 from optvq_hf import OptVQImageProcessor, OptVQModel, TokenLayout
+from optvq_hf.generation import process_logits
 from optvq_hf.tokens import ORDERS, VOCABULARIES
+from optvq_hf.training.cli import parse_options
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    description = __doc__.split("\n\n")[0]
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--config", default=None, help="a YAML file of flag values (command-line flags win)")
-    parser.add_argument("--tokenizer", required=True, help="a trained OptVQ model: a save_pretrained folder or Hub id")
-    parser.add_argument("--output_dir", default="outputs/ar", help="where the grid, the generator and logs go")
+def option(default, help: str | None = None, **metadata):
+    """A field of `ArOptions` with its `--help` text."""
+    return field(default=default, metadata={"help": help, **metadata})
 
-    data = parser.add_argument_group("data (default: scikit-learn's digits; else --dataset_name or --data_dir)")
-    data.add_argument("--dataset_name", default=None, help="a `datasets` dataset on the Hub")
-    data.add_argument("--dataset_config_name", default=None, help="the configuration of --dataset_name, if any")
-    data.add_argument("--data_dir", default=None, help="a local folder of images (a `datasets` imagefolder)")
-    data.add_argument("--split", default="train", help="the split to train on")
-    data.add_argument("--image_column", default="image", help="the column holding the images")
-    data.add_argument("--label_column", default=None, help="the class column (default 'label' for the digits)")
-    data.add_argument("--max_train_samples", type=int, default=None, help="use the first N images only")
-    data.add_argument(
-        "--image_size",
-        type=int,
-        default=None,
-        help="side of the square images fed to the tokenizer (default: the tokenizer's resolution; for "
-        "the 8x8 digits 16, rounded up to a multiple of the tokenizer's downsampling factor)",
+
+@dataclass
+class ArOptions:
+    """Every option of a run; a YAML `--config` file holds the same keys, the command line wins."""
+
+    tokenizer: str | None = option(None, "a trained OptVQ model: a save_pretrained folder or Hub id (required)")
+    output_dir: str = option("outputs/ar", "where the grid, the generator and logs go")
+    # -- data (default: scikit-learn's digits; else dataset_name, data_dir or token_dataset)
+    dataset_name: str | None = option(None, "a `datasets` dataset on the Hub")
+    dataset_config_name: str | None = option(None, "the configuration of dataset_name, if any")
+    data_dir: str | None = option(None, "a local folder of images (a `datasets` imagefolder)")
+    token_dataset: str | None = option(
+        None,
+        "a pre-tokenized dataset (optvq_hf.training.token_data.load_token_dataset: a folder or Hub id with columns "
+        "tokens, label, index, variant) instead of tokenizing images here",
     )
-    data.add_argument(
-        "--token_cache_dir", default=None, help="where the token dataset is stored (<output_dir>/tokens)"
+    split: str = option("train", "the split to train on")
+    image_column: str = option("image", "the column holding the images")
+    label_column: str | None = option(None, "the class column (default 'label' for the digits)")
+    max_train_samples: int | None = option(None, "use the first N images only")
+    image_size: int | None = option(
+        None,
+        "side of the square images fed to the tokenizer (default: the tokenizer's resolution; for the 8x8 digits "
+        "16, rounded up to a multiple of the tokenizer's downsampling factor)",
     )
-    data.add_argument("--tokenize_batch_size", type=int, default=64, help="images per tokenizer batch")
-    data.add_argument("--validation_fraction", type=float, default=0.1, help="held-out share for the validation loss")
-
-    tokens = parser.add_argument_group("token layout")
-    tokens.add_argument("--order", default="position-major", choices=ORDERS)
-    tokens.add_argument("--vocabulary", default="shared", choices=VOCABULARIES)
-    tokens.add_argument(
-        "--class_conditional",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="prefix each sequence with its class token (needs a label column; default on)",
+    token_cache_dir: str | None = option(None, "where the token dataset is stored (<output_dir>/tokens)")
+    tokenize_batch_size: int = option(64, "images per tokenizer batch")
+    validation_fraction: float = option(0.1, "held-out share for the validation loss")
+    # -- token layout
+    order: str = option("position-major", "order of the tokens", choices=ORDERS)
+    vocabulary: str = option("shared", "token ids shared by the heads or offset per head", choices=VOCABULARIES)
+    class_conditional: bool = option(True, "prefix each sequence with its class token (needs a label column)")
+    # -- transformer (LlamaForCausalLM)
+    hidden_size: int = option(128, "width of the transformer")
+    num_layers: int = option(3, "decoder layers")
+    num_attention_heads: int = option(4, "attention heads")
+    intermediate_size: int | None = option(None, "MLP width (default 4 * hidden_size)")
+    # -- training
+    batch_size: int = option(32, "sequences per batch and per process")
+    gradient_accumulation_steps: int = option(1, "batches per optimizer step")
+    max_train_steps: int = option(500, "optimizer steps")
+    learning_rate: float = option(2e-3, "peak learning rate (AdamW, warmup then cosine decay)")
+    weight_decay: float = option(0.1, "AdamW weight decay of matrices")
+    warmup_steps: int = option(50, "linear warmup steps")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    mixed_precision: str = option("no", "accelerate's mixed precision", choices=("no", "fp16", "bf16"))
+    seed: int = option(0, "seed of the split, the initialisation, the batches and the samples")
+    log_every: int = option(100, "steps between log lines")
+    eval_every: int | None = option(None, "steps between validation losses (default: end)")
+    # -- sampling
+    samples_per_class: int = option(10, "grid columns with classes")
+    num_samples: int = option(64, "samples without classes")
+    temperature: float = option(0.8, "sampling temperature")
+    top_k: int = option(0, "sample among the k likeliest ids (0: all)")
+    top_p: float = option(1.0, "sample among the likeliest ids of this total probability (1.0: all)")
+    grid_scale: int = option(2, "integer upscaling of the saved grids")
+    class_dropout: float = option(
+        0.1, "probability of replacing the class token by the null-class token in training (for --cfg_scale)"
+    )
+    cfg_scale: float = option(
+        1.0,
+        "classifier-free guidance: logits uncond + scale * (cond - uncond), both branches in one batched forward "
+        "(1.0: plain conditional sampling with `generate`)",
     )
 
-    model = parser.add_argument_group("transformer (LlamaForCausalLM)")
-    model.add_argument("--hidden_size", type=int, default=128)
-    model.add_argument("--num_layers", type=int, default=3)
-    model.add_argument("--num_attention_heads", type=int, default=4)
-    model.add_argument("--intermediate_size", type=int, default=None, help="default 4 * hidden_size")
 
-    training = parser.add_argument_group("training")
-    training.add_argument("--batch_size", type=int, default=32, help="sequences per batch and per process")
-    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    training.add_argument("--max_train_steps", type=int, default=500, help="optimizer steps")
-    training.add_argument("--learning_rate", type=float, default=2e-3)
-    training.add_argument("--weight_decay", type=float, default=0.1)
-    training.add_argument("--warmup_steps", type=int, default=50)
-    training.add_argument("--max_grad_norm", type=float, default=1.0)
-    training.add_argument("--mixed_precision", default="no", choices=("no", "fp16", "bf16"))
-    training.add_argument("--seed", type=int, default=0)
-    training.add_argument("--log_every", type=int, default=100, help="steps between log lines")
-    training.add_argument(
-        "--eval_every", type=int, default=None, help="steps between validation losses (default: end)"
-    )
-
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--samples_per_class", type=int, default=10, help="grid columns with classes")
-    sampling.add_argument("--num_samples", type=int, default=64, help="samples without classes")
-    sampling.add_argument("--temperature", type=float, default=0.8)
-    sampling.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest ids (0: all)")
-    sampling.add_argument("--grid_scale", type=int, default=2, help="integer upscaling of the saved grids")
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    finder = argparse.ArgumentParser(add_help=False)  # only finds --config; command-line flags override the file
-    finder.add_argument("--config", default=None)
-    first, _ = finder.parse_known_args(argv)
-    if first.config is not None:
-        values = yaml.safe_load(Path(first.config).read_text()) or {}
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{first.config}: unknown key(s) {unknown}; the keys are the flags' names")
-        parser.set_defaults(**values)
-        for action in parser._actions:  # a required flag given by the file is no longer required on the command line
-            if action.dest in values:
-                action.required = False
-    args = parser.parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None) -> ArOptions:
+    """`--config file.yaml` plus `--field value` overrides; every value is checked by `check_args`."""
+    args = parse_options(ArOptions, argv, description=__doc__.split("\n\n")[0])
     check_args(args)
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: ArOptions) -> None:
     """Raise a `ValueError` naming the flag for every invalid value."""
+    if not args.tokenizer:
+        raise ValueError("--tokenizer is required: a trained OptVQ model folder or Hub id (it decodes the samples)")
     if args.dataset_name is not None and args.data_dir is not None:
         raise ValueError("pass at most one of --dataset_name and --data_dir (neither: the digits)")
+    if args.token_dataset is not None and (args.dataset_name is not None or args.data_dir is not None):
+        raise ValueError("--token_dataset replaces --dataset_name / --data_dir: pass only one of them")
     positive = (
         "batch_size",
         "gradient_accumulation_steps",
@@ -188,6 +197,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--temperature must be positive, got {args.temperature}")
     if args.top_k < 0:
         raise ValueError(f"--top_k must be >= 0, got {args.top_k}")
+    if not 0.0 <= args.class_dropout < 1.0:
+        raise ValueError(f"--class_dropout must be in [0, 1), got {args.class_dropout}")
+    if args.cfg_scale < 0:
+        raise ValueError(f"--cfg_scale must be >= 0, got {args.cfg_scale}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
     if args.learning_rate <= 0 or args.warmup_steps < 0 or args.weight_decay < 0:
         raise ValueError("--learning_rate must be positive, --warmup_steps and --weight_decay non-negative")
 
@@ -208,7 +223,7 @@ def load_digits_dataset() -> datasets.Dataset:
     return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
 
 
-def load_images(args: argparse.Namespace) -> datasets.Dataset:
+def load_images(args: ArOptions) -> datasets.Dataset:
     if args.dataset_name is not None:
         dataset = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split=args.split)
     elif args.data_dir is not None:
@@ -237,7 +252,7 @@ def class_names(dataset: datasets.Dataset, label_column: str | None) -> list[str
     return [str(label) for label in labels]
 
 
-def choose_image_size(args: argparse.Namespace, config) -> int:
+def choose_image_size(args: ArOptions, config) -> int:
     """--image_size, else 16 for the 8x8 digits (more only adds tokens), else the tokenizer's resolution."""
     factor = config.downsample_factor
     if args.image_size is not None:
@@ -261,7 +276,7 @@ def tokenizer_fingerprint(tokenizer: OptVQModel) -> str:
 
 
 def pretokenize(
-    args: argparse.Namespace, tokenizer: OptVQModel, image_size: int, cache_dir: Path, device: torch.device
+    args: ArOptions, tokenizer: OptVQModel, image_size: int, cache_dir: Path, device: torch.device
 ) -> tuple[datasets.Dataset, dict]:
     """
     The token dataset (`input_ids`, and `label` with classes), tokenized once and stored under `cache_dir`; a later
@@ -311,6 +326,31 @@ def pretokenize(
     return datasets.load_from_disk(str(cache_dir / "dataset")), meta
 
 
+def load_pretokenized(args: ArOptions, tokenizer: OptVQModel) -> tuple[datasets.Dataset, TokenLayout, list | None]:
+    """
+    The token dataset of `--token_dataset` (written by the package's token export), as `input_ids` (+ `label`), its
+    layout, and class names; its layout must be the tokenizer's (same codes and heads) so that samples decode.
+    """
+    from optvq_hf.training.token_data import load_token_dataset  # the token export's reader
+
+    loaded = load_token_dataset(args.token_dataset, split=args.split)
+    layout = loaded.layout
+    if (layout.num_codes, layout.num_heads) != (tokenizer.config.num_codes, tokenizer.config.num_heads):
+        raise ValueError(
+            f"--token_dataset has {layout.num_heads} heads x {layout.num_codes} codes but --tokenizer has "
+            f"{tokenizer.config.num_heads} x {tokenizer.config.num_codes}: pass the tokenizer that made the tokens"
+        )
+    dataset = loaded.dataset
+    conditional = args.class_conditional and bool(loaded.num_classes) and "label" in dataset.column_names
+    dataset = dataset.select_columns(["tokens"] + (["label"] if conditional else [])).rename_column(
+        "tokens", "input_ids"
+    )
+    if args.max_train_samples is not None:
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    names = [str(label) for label in range(loaded.num_classes)] if conditional else None
+    return dataset, layout, names
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Sequences and sampling
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,7 +362,9 @@ class SequenceFormat:
         self.num_classes = num_classes
         self.boi_id = layout.vocab_size
         self.class_offset = layout.vocab_size + 1
-        self.vocab_size = layout.vocab_size + 1 + num_classes
+        # one more class token than classes: the null class of classifier-free guidance (id class_offset + C)
+        self.null_class = num_classes
+        self.vocab_size = layout.vocab_size + 1 + num_classes + (1 if num_classes else 0)
         self.prefix_length = 2 if num_classes else 1
 
     def prompts(self, labels: torch.Tensor | None, batch_size: int) -> torch.LongTensor:
@@ -332,8 +374,16 @@ class SequenceFormat:
             return boi
         return torch.cat([labels.long().view(-1, 1) + self.class_offset, boi], dim=1)
 
-    def sequences(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token sequences with their prompt, and the training labels (the prompt is not a target)."""
+    def sequences(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None, class_dropout: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Token sequences with their prompt, and the training labels (the prompt is not a target); with
+        `class_dropout`, each label is replaced by the null class with that probability.
+        """
+        if labels is not None and class_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < class_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_class), labels)
         sequence = torch.cat([self.prompts(labels, input_ids.shape[0]).to(input_ids.device), input_ids.long()], dim=1)
         targets = sequence.clone()
         targets[:, : self.prefix_length] = -100
@@ -350,6 +400,7 @@ class SequenceFormat:
             "boi_id": self.boi_id,
             "class_offset": self.class_offset,
             "num_classes": self.num_classes,
+            "null_class_id": self.class_offset + self.null_class if self.num_classes else None,
             "prefix_length": self.prefix_length,
         }
 
@@ -372,9 +423,11 @@ class ImageTokenRange(LogitsProcessor):
 
 @torch.no_grad()
 def sample_tokens(
-    model: LlamaForCausalLM, fmt: SequenceFormat, labels: torch.Tensor | None, num: int, args: argparse.Namespace
+    model: LlamaForCausalLM, fmt: SequenceFormat, labels: torch.Tensor | None, num: int, args: ArOptions
 ) -> torch.LongTensor:
     """(num, L) image-token ids sampled with `generate`, for the given class labels (or unconditionally)."""
+    if labels is not None and fmt.num_classes and args.cfg_scale != 1.0:
+        return sample_tokens_cfg(model, fmt, labels, args)
     device = next(model.parameters()).device
     prompts = fmt.prompts(labels, num).to(device)
     length = fmt.layout.sequence_length
@@ -384,7 +437,7 @@ def sample_tokens(
         do_sample=True,
         temperature=args.temperature,
         top_k=args.top_k,
-        top_p=1.0,
+        top_p=args.top_p,
         max_new_tokens=length,
         min_new_tokens=length,
         logits_processor=LogitsProcessorList([ImageTokenRange(fmt.layout, prompts.shape[1])]),
@@ -392,6 +445,32 @@ def sample_tokens(
         eos_token_id=None,
     )
     return output[:, prompts.shape[1] :].cpu()
+
+
+@torch.no_grad()
+def sample_tokens_cfg(
+    model: LlamaForCausalLM, fmt: SequenceFormat, labels: torch.Tensor, args: ArOptions
+) -> torch.LongTensor:
+    """
+    Classifier-free guidance as in LlamaGen: the class prompts and null-class prompts run as one batch of 2B with the
+    KV cache; each step samples from `cond + (cfg_scale - 1) * (cond - uncond)` (after the layout's id mask,
+    temperature, top-k, top-p) and feeds the same token to both branches.
+    """
+    device = next(model.parameters()).device
+    batch = labels.shape[0]
+    cond = fmt.prompts(labels, batch)
+    uncond = fmt.prompts(torch.full_like(labels, fmt.null_class), batch)
+    inputs = torch.cat([cond, uncond]).to(device)
+    mask = ImageTokenRange(fmt.layout, inputs.shape[1])
+    cache, generated = DynamicCache(), inputs
+    for _ in range(fmt.layout.sequence_length):
+        logits = model(input_ids=inputs, cache=cache, use_cache=True).logits[:, -1].float()
+        logits = logits[:batch] + (args.cfg_scale - 1.0) * (logits[:batch] - logits[batch:])
+        logits = process_logits(mask(generated[:batch], logits), args.temperature, args.top_k, args.top_p)
+        token = torch.multinomial(torch.softmax(logits, dim=-1), 1)
+        inputs = torch.cat([token, token])
+        generated = torch.cat([generated, inputs], dim=1)
+    return generated[:batch, cond.shape[1] :].cpu()
 
 
 def image_grid(images: np.ndarray, columns: int, scale: int = 1, pad: int = 1) -> PIL.Image.Image:
@@ -466,7 +545,7 @@ def evaluate_loss(model, loader, fmt: SequenceFormat, accelerator: Accelerator) 
 
 
 def save_samples(
-    args: argparse.Namespace,
+    args: ArOptions,
     generator: LlamaForCausalLM,
     tokenizer: OptVQModel,
     fmt: SequenceFormat,
@@ -495,7 +574,7 @@ def save_samples(
     image_grid(reference, columns, args.grid_scale).save(output_dir / "reference.png")
 
 
-def transformer_config(args: argparse.Namespace, fmt: SequenceFormat) -> LlamaConfig:
+def transformer_config(args: ArOptions, fmt: SequenceFormat) -> LlamaConfig:
     """A small Llama over the image tokens, the begin-of-image token and the class tokens."""
     return LlamaConfig(
         vocab_size=fmt.vocab_size,
@@ -513,7 +592,7 @@ def transformer_config(args: argparse.Namespace, fmt: SequenceFormat) -> LlamaCo
 
 
 def train(
-    args: argparse.Namespace,
+    args: ArOptions,
     accelerator: Accelerator,
     model: LlamaForCausalLM,
     fmt: SequenceFormat,
@@ -546,7 +625,7 @@ def train(
     while len(losses) < args.max_train_steps:
         for batch in train_loader:
             with accelerator.accumulate(model):
-                sequence, targets = fmt.sequences(batch["input_ids"], batch.get("label"))
+                sequence, targets = fmt.sequences(batch["input_ids"], batch.get("label"), args.class_dropout)
                 loss = model(input_ids=sequence, labels=targets).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -585,23 +664,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         cache_dir.mkdir(parents=True, exist_ok=True)
-    if args.label_column is None and args.dataset_name is None and args.data_dir is None:
+    if args.label_column is None and args.dataset_name is None and args.data_dir is None and not args.token_dataset:
         args.label_column = "label"  # the digits' classes
-    if args.class_conditional and args.label_column is None:
+    if args.class_conditional and args.label_column is None and not args.token_dataset:
         accelerator.print("no --label_column: training without class tokens")
         args.class_conditional = False
 
     # 1. Tokenize once (the main process writes the cache, the others read it).
     tokenizer = OptVQModel.from_pretrained(args.tokenizer).eval().to(accelerator.device)
     tokenizer.requires_grad_(False)
-    image_size = choose_image_size(args, tokenizer.config)
-    side = image_size // tokenizer.config.downsample_factor
-    layout = tokenizer.token_layout(args.order, args.vocabulary, (side, side))
     tokenize_start = time.perf_counter()
-    with accelerator.main_process_first():
-        tokens, meta = pretokenize(args, tokenizer, image_size, cache_dir, accelerator.device)
+    if args.token_dataset is not None:
+        tokens, layout, names = load_pretokenized(args, tokenizer)
+        image_size = layout.latent_shape[0] * tokenizer.config.downsample_factor
+    else:
+        image_size = choose_image_size(args, tokenizer.config)
+        side = image_size // tokenizer.config.downsample_factor
+        layout = tokenizer.token_layout(args.order, args.vocabulary, (side, side))
+        with accelerator.main_process_first():
+            tokens, meta = pretokenize(args, tokenizer, image_size, cache_dir, accelerator.device)
+        names = meta["class_names"]
     tokenize_seconds = time.perf_counter() - tokenize_start
-    names = meta["class_names"]
+    side = layout.latent_shape[0]
     fmt = SequenceFormat(layout, len(names) if names else 0)
     accelerator.print(
         f"{len(tokens)} images -> {layout.sequence_length} tokens each ({layout.num_heads} heads x {side}x{side}, "

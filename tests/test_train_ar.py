@@ -133,8 +133,14 @@ def test_generator_is_saved_with_its_layout(finished_run):
     output_dir, _ = finished_run
     generator = LlamaForCausalLM.from_pretrained(output_dir / "generator")
     layout = json.loads((output_dir / "generator" / "token_layout.json").read_text())
-    assert generator.config.vocab_size == 128 + 1 + 10 and generator.config.num_hidden_layers == 1
-    assert (layout["boi_id"], layout["class_offset"], layout["prefix_length"]) == (128, 129, 2)
+    # image ids, BOI, 10 classes and the null class of classifier-free guidance
+    assert generator.config.vocab_size == 128 + 1 + 10 + 1 and generator.config.num_hidden_layers == 1
+    assert (layout["boi_id"], layout["class_offset"], layout["prefix_length"], layout["null_class_id"]) == (
+        128,
+        129,
+        2,
+        139,
+    )
     assert layout["class_names"] == [str(d) for d in range(10)] and layout["latent_shape"] == [4, 4]
 
 
@@ -164,6 +170,8 @@ def test_a_second_run_reuses_the_tokens(finished_run, tokenizer_dir, tmp_path, m
         (["--validation_fraction", "1.0"], r"--validation_fraction must be in \[0, 1\)"),
         (["--dataset_name", "x", "--data_dir", "y"], "at most one of --dataset_name and --data_dir"),
         (["--top_k", "-1"], "--top_k must be >= 0"),
+        (["--top_p", "0"], r"--top_p must be in \(0, 1\]"),
+        (["--token_dataset", "tok", "--dataset_name", "x"], "--token_dataset replaces --dataset_name"),
     ],
 )
 def test_bad_flags_raise(extra, message, tmp_path):
@@ -177,7 +185,86 @@ def test_the_demo_config_file_sets_the_flags_and_the_command_line_wins(tmp_path)
     assert (args.image_size, args.num_layers, args.temperature, args.eval_every) == (16, 3, 0.8, 100)
     assert args.max_train_steps == 7 and args.output_dir == "outputs/ar-digits"
     (tmp_path / "bad.yaml").write_text("tokenizer: t\nnum_layer: 2\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['num_layer'\]"):
+    with pytest.raises(ValueError, match=r"unknown field 'num_layer'.*num_layers"):
         train_ar.parse_args(["--config", str(tmp_path / "bad.yaml")])
     (tmp_path / "good.yaml").write_text("tokenizer: from-the-file\n")
     assert train_ar.parse_args(["--config", str(tmp_path / "good.yaml")]).tokenizer == "from-the-file"
+    with pytest.raises(ValueError, match="--tokenizer is required"):
+        train_ar.parse_args([])
+    assert train_ar.parse_args(["--tokenizer", "t", "--no_class_conditional"]).class_conditional is False
+
+
+def test_cfg_loop_with_scale_one_matches_generate_and_guidance_uses_the_null_class():
+    torch.manual_seed(0)
+    layout = TokenLayout(8, 2, (2, 2), order="position-major", vocabulary="per-head")
+    fmt = train_ar.SequenceFormat(layout, num_classes=3)
+    assert fmt.vocab_size == 16 + 1 + 3 + 1 and fmt.null_class == 3
+    args = train_ar.parse_args(["--tokenizer", "t", "--hidden_size", "32", "--num_layers", "1"])
+    args.num_attention_heads, args.top_k, args.temperature = 2, 1, 1.0  # top-1: deterministic tokens
+    model = LlamaForCausalLM(train_ar.transformer_config(args, fmt)).eval()
+    labels = torch.tensor([0, 2, 1])
+    greedy = train_ar.sample_tokens(model, fmt, labels, 3, args)  # cfg_scale 1: generate
+    args.cfg_scale = 1.0
+    assert torch.equal(train_ar.sample_tokens_cfg(model, fmt, labels, args), greedy)
+    # the first token under guidance: argmax of uncond + s (cond - uncond) within the first place's ids
+    args.cfg_scale = 3.0
+    guided = train_ar.sample_tokens(model, fmt, labels, 3, args)
+    low, high = layout.id_bounds()
+    assert ((guided >= low) & (guided < high)).all()
+    with torch.no_grad():
+        cond = model(input_ids=fmt.prompts(labels, 3)).logits[:, -1]
+        uncond = model(input_ids=fmt.prompts(torch.full_like(labels, 3), 3)).logits[:, -1]
+    mixed = (uncond + 3.0 * (cond - uncond))[:, int(low[0]) : int(high[0])]
+    assert torch.equal(guided[:, 0], mixed.argmax(-1) + int(low[0]))
+    # class dropout: with p ~ 1 every class token is the null class's
+    sequence, _ = fmt.sequences(torch.zeros(4, 8, dtype=torch.long), torch.tensor([0, 1, 2, 0]), class_dropout=0.999)
+    assert (sequence[:, 0] == fmt.class_offset + fmt.null_class).all()
+
+
+def test_token_dataset_trains_from_pretokenized_rows(tokenizer_dir, tmp_path, monkeypatch):
+    """--token_dataset reads `load_token_dataset`'s rows (tokens, label, index, variant) and never tokenizes; the
+    reader is stood in by a module in sys.modules (its on-disk format belongs to optvq_hf.training.token_data)."""
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    layout = TokenLayout(NUM_CODES, NUM_HEADS, (4, 4), order="head-major", vocabulary="per-head")
+    generator = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, NUM_CODES, (40, NUM_HEADS, 4, 4), generator=generator)
+    rows = datasets.Dataset.from_dict(
+        {
+            "tokens": layout.to_tokens(indices).tolist(),
+            "label": [i % 10 for i in range(40)],
+            "index": list(range(40)),
+            "variant": [0] * 40,
+        }
+    )
+
+    @dataclass
+    class FakeTokenDataset:
+        dataset: datasets.Dataset
+        layout: TokenLayout
+        metadata: dict
+        num_classes: int
+
+    calls = []
+    module = types.ModuleType("optvq_hf.training.token_data")
+    module.load_token_dataset = lambda path, split=None: (
+        calls.append((path, split)) or FakeTokenDataset(rows, layout, {}, 10)
+    )
+    monkeypatch.setitem(sys.modules, "optvq_hf.training.token_data", module)
+    monkeypatch.setattr(OptVQModel, "tokenize", lambda *a, **k: pytest.fail("--token_dataset must not tokenize"))
+    args = run_args(tokenizer_dir, tmp_path, "--token_dataset", "some/tokens", "--max_train_steps", "2")
+    summary = train_ar.main(args)
+    assert calls == [("some/tokens", "train")]
+    assert summary["images"] == 40 and summary["tokens_per_image"] == 32 and summary["steps"] == 2
+    sampled = load_file(tmp_path / "samples.safetensors")
+    assert sampled["token_ids"].shape == (20, 32)
+    low, high = layout.id_bounds()
+    assert ((sampled["token_ids"] >= low) & (sampled["token_ids"] < high)).all()
+    # a tokenizer with other heads cannot decode these tokens: a clear error
+    other = layout.__class__(NUM_CODES, 4, (4, 4), order="head-major", vocabulary="per-head")
+    module.load_token_dataset = lambda path, split=None: FakeTokenDataset(rows, other, {}, 10)
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="pass the tokenizer that made the tokens"):
+        train_ar.main(args)
