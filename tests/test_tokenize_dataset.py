@@ -8,13 +8,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import REPOSITORY, load_example, tiny_config_kwargs
 
 from optvq_hf import OptVQConfig, OptVQModel
 from optvq_hf.image_processing_optvq import OptVQImageProcessor
 from optvq_hf.tokens import TokenLayout
 from optvq_hf.training import token_data
-
-from conftest import REPOSITORY, load_example, tiny_config_kwargs
 
 NUM_IMAGES = 5
 
