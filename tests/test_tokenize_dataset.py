@@ -179,3 +179,11 @@ def test_one_vs_two_processes(tokenizer_dir, image_dir, tmp_path):
     assert len(one.dataset) == NUM_IMAGES * 2
     assert sorted_rows(one.dataset) == sorted_rows(two.dataset)
     assert one.layout == two.layout
+
+
+def test_streaming_equals_map_style(tokenizer_dir, image_dir, tmp_path, fresh_accelerate_state):
+    common = ("--label_column", "label", "--max_samples", "4", "--variants", "center", "flip")
+    stored = run(tokenizer_dir, image_dir, tmp_path / "stored", *common)
+    streamed = run(tokenizer_dir, image_dir, tmp_path / "streamed", "--streaming", "true", *common)
+    assert len(stored.dataset) == 8 and sorted(os.listdir(tmp_path / "streamed" / "shards"))[-1] == "shard-00001"
+    assert streamed.dataset.to_dict() == stored.dataset.to_dict()
