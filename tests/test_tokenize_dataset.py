@@ -77,9 +77,12 @@ def test_tokens_equal_model_tokenize(tokenizer_dir, image_dir, tmp_path, fresh_a
         assert torch.equal(torch.tensor(row["tokens"], dtype=torch.long), expected)
 
 
-def test_metadata_round_trip(tokenizer_dir, image_dir, tmp_path, fresh_accelerate_state):
+def test_metadata_round_trip(tokenizer_dir, image_dir, tmp_path, fresh_accelerate_state, capsys):
     out = tmp_path / "out"
-    run(tokenizer_dir, image_dir, out, "--order", "head-major", "--vocabulary", "per-head", "--max_samples", "3")
+    layout_args = ("--order", "head-major", "--vocabulary", "per-head", "--max_samples", "3")
+    hub_args = ("--push_to_hub", "true", "--hub_repo_id", "me/tokens", "--hub_dry_run", "true")
+    run(tokenizer_dir, image_dir, out, *layout_args, *hub_args)
+    assert "dry run: would push 3 rows" in capsys.readouterr().out
     import datasets
 
     # save_to_disk / load_from_disk of the plain dataset keep the metadata, and the sidecar file has it too.
