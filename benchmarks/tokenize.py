@@ -93,8 +93,12 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=["tiny", "default"], choices=sorted(CONFIGS))
     parser.add_argument("--images", type=int, default=None, help="images per config (default: 512 tiny, 16 default)")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--workers", type=int, nargs="+", default=[2], help="DataLoader workers (2: the default)")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: the script's default)"
+    )
     args = parser.parse_args()
+    if args.workers is None:
+        args.workers = [token_data.default_num_workers()]
     import datasets
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -58,7 +58,9 @@ class TokenizeOptions:
     vocabulary: str = option("shared", "token vocabulary: shared or per-head")
     batch_size: int = option(64, "rows (images x variants) encoded per batch and process")
     shard_size: int = option(1000, "source rows per shard (fixed: the result does not depend on the processes)")
-    dataloader_num_workers: int = option(2, "DataLoader processes decoding and resizing images")
+    dataloader_num_workers: int | None = option(
+        None, "DataLoader processes decoding and resizing images (default: the cores per process minus one, 1 to 8)"
+    )
     mixed_precision: str = option("bf16", "bf16 autocast of the encoder on GPU (the quantizer stays float32), or no")
     skip_bad_images: bool = option(False, "skip unreadable images (counted) instead of failing on the first")
     output_dir: str = option("optvq-tokens", "where shards and the merged dataset go")
@@ -77,7 +79,7 @@ class TokenizeOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ValueError(f"max_samples must be >= 1 or null, got {self.max_samples}")
-        if self.dataloader_num_workers < 0:
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
         if self.mixed_precision not in ("bf16", "no"):
             raise ValueError(f"mixed_precision must be bf16 or no, got {self.mixed_precision!r}")
@@ -153,7 +155,11 @@ def main(argv=None) -> token_data.TokenDataset:
         variant_ids=variant_ids,
         shard_size=options.shard_size,
         batch_size=options.batch_size,
-        num_workers=options.dataloader_num_workers,
+        num_workers=(
+            token_data.default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+            if options.dataloader_num_workers is None
+            else options.dataloader_num_workers
+        ),
         rank=accelerator.process_index,
         num_processes=accelerator.num_processes,
         device=accelerator.device,

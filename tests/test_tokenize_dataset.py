@@ -61,7 +61,10 @@ def sorted_rows(dataset):
 
 
 def test_tokens_equal_model_tokenize(tokenizer_dir, image_dir, tmp_path, fresh_accelerate_state):
-    result = run(tokenizer_dir, image_dir, tmp_path / "out", "--label_column", "label")
+    # One DataLoader worker process: the decoding path of real runs (the option given last wins).
+    result = run(
+        tokenizer_dir, image_dir, tmp_path / "out", "--label_column", "label", "--dataloader_num_workers", "1"
+    )
     model = OptVQModel.from_pretrained(tokenizer_dir).eval()
     processor = OptVQImageProcessor.from_pretrained(tokenizer_dir)
     source = source_images(image_dir)

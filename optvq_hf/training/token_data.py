@@ -70,6 +70,16 @@ def token_dtype(vocab_size: int) -> str:
     return "int64"
 
 
+def default_num_workers(processes_on_this_machine: int = 1) -> int:
+    """DataLoader workers per process: this machine's usable cores shared among its processes, one core per process
+    kept for the process itself (it feeds the model and writes the shards), between 1 and 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, processes_on_this_machine) - 1))
+
+
 def expand_variants(groups: Sequence[str]) -> list[int]:
     """Variant ids of the chosen groups (`center`, `flip`, `ten_crop`), in id order."""
     unknown = [g for g in groups if g not in VARIANT_GROUPS]
@@ -416,6 +426,7 @@ __all__ = [
     "TOKEN_METADATA_KEY",
     "VARIANTS",
     "TokenDataset",
+    "default_num_workers",
     "expand_variants",
     "layout_metadata",
     "load_token_dataset",
