@@ -143,6 +143,15 @@ def main(argv=None) -> token_data.TokenDataset:
     variant_ids = token_data.expand_variants(options.variants)
     rows, num_rows, where, num_classes = load_source(options)
     on_gpu = accelerator.device.type == "cuda"
+    settings = {
+        key: getattr(options, key)
+        for key in ("tokenizer", "tokenizer_revision", "variants", "order", "vocabulary", "shard_size", "max_samples")
+        + ("image_column", "label_column", "dataset_name", "dataset_config_name", "train_data_dir", "split")
+    }
+    if accelerator.is_main_process:
+        token_data.check_run_settings(options.output_dir, settings, write=True)
+    accelerator.wait_for_everyone()
+    token_data.check_run_settings(options.output_dir, settings, write=False)
     stats = token_data.write_shards(
         model,
         layout,

@@ -133,7 +133,7 @@ def test_variants(tokenizer_dir, image_dir, tmp_path, fresh_accelerate_state):
 def test_resume_skips_finished_shards(tokenizer_dir, image_dir, tmp_path, fresh_accelerate_state):
     out = tmp_path / "out"
     full = run(tokenizer_dir, image_dir, out)
-    shards = sorted(os.listdir(out / "shards"))
+    shards = sorted(n for n in os.listdir(out / "shards") if n.startswith("shard-"))
     assert shards == ["shard-00000", "shard-00001", "shard-00002"]
     # An interrupted run: shard 1 never finished (only its temporary folder is there), no merged dataset.
     import shutil
@@ -147,8 +147,10 @@ def test_resume_skips_finished_shards(tokenizer_dir, image_dir, tmp_path, fresh_
         token_data.merge_shards(str(out), {}, 3)
     resumed = run(tokenizer_dir, image_dir, out)
     assert {name: os.stat(out / "shards" / name / "state.json").st_mtime_ns for name in stamps} == stamps
-    assert sorted(os.listdir(out / "shards")) == shards
+    assert sorted(n for n in os.listdir(out / "shards") if n.startswith("shard-")) == shards
     assert resumed.dataset.to_dict() == full.dataset.to_dict()
+    with pytest.raises(ValueError, match=r"other settings \(variants: \['center'\] -> \['center', 'flip'\]\)"):
+        run(tokenizer_dir, image_dir, out, "--variants", "center", "flip")
 
 
 def test_bad_input(tokenizer_dir, image_dir, tmp_path, fresh_accelerate_state):

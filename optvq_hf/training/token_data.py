@@ -253,6 +253,27 @@ def _collate(items):
     return items
 
 
+def check_run_settings(output_dir: str, settings: dict, write: bool) -> None:
+    """Refuse to resume into shards written with other settings (another tokenizer, variants, layout, shard size or
+    source would mix incompatible rows); `write` (one process) records the settings of a fresh run."""
+    path = os.path.join(output_dir, SHARDS_DIR, "settings.json")
+    settings = json.loads(json.dumps(settings, default=str))
+    if os.path.exists(path):
+        with open(path) as handle:
+            previous = json.load(handle)
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        if changed:
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"{output_dir!r} holds shards of a run with other settings ({details}): use another output_dir or "
+                "delete its shards folder"
+            )
+    elif write:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(settings, handle, indent=2)
+
+
 def shard_path(output_dir: str, shard: int) -> str:
     return os.path.join(output_dir, SHARDS_DIR, f"shard-{shard:05d}")
 
