@@ -93,6 +93,25 @@ class TokenLayout:
         if self.vocabulary not in VOCABULARIES:
             raise ValueError(f"vocabulary must be one of {VOCABULARIES}, got {self.vocabulary!r}")
 
+    # -- serialisation ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict of the layout; `TokenLayout.from_dict` rebuilds it."""
+        return {
+            "num_codes": self.num_codes,
+            "num_heads": self.num_heads,
+            "latent_shape": list(self.latent_shape),
+            "order": self.order,
+            "vocabulary": self.vocabulary,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TokenLayout:
+        """The layout of a `to_dict` dict; unknown keys are a `ValueError`."""
+        unknown = sorted(set(values) - {"num_codes", "num_heads", "latent_shape", "order", "vocabulary"})
+        if unknown:
+            raise ValueError(f"unknown TokenLayout field(s) {unknown}")
+        return cls(**values)
+
     # -- sizes --------------------------------------------------------------------------------------------------------
     @property
     def num_positions(self) -> int:

@@ -1,0 +1,136 @@
+"""How much the data path of examples/tokenize_dataset.py costs: the whole pipeline (read JPEGs, decode, resize, crop
+in DataLoader workers, encode, write Arrow shards) against the model's own eval-mode encode of the same images
+already preprocessed in memory.
+
+    python -m benchmarks.tokenize                       # tiny and default config, CPU (or the GPU if present)
+    python -m benchmarks.tokenize --configs tiny --images 512 --workers 0 1 2
+
+Run it with `-m` from the repository root: as `python benchmarks/tokenize.py` this file would shadow the standard
+library's `tokenize` module (its folder goes first on sys.path) and torch would fail to import.
+
+Prints one row per (config, workers): images/s of each (best of --repeats alternated runs) and the ratio
+pipeline / model-only (target >= 90%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import PIL.Image
+import torch
+
+from optvq_hf import OptVQConfig, OptVQModel
+from optvq_hf.image_processing_optvq import OptVQImageProcessor
+from optvq_hf.training import token_data
+
+TINY = dict(
+    resolution=32,
+    base_channels=32,
+    channel_multipliers=(1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(),
+    latent_channels=32,
+    embed_dim=32,
+    num_heads=4,
+    num_codes=64,
+)
+CONFIGS = {"tiny": TINY, "default": {}}
+DEFAULT_IMAGES = {"tiny": 2048, "default": 16}
+
+
+def make_images(folder: str, count: int, resolution: int) -> None:
+    rng = np.random.default_rng(0)
+    side = int(resolution * 1.25)  # larger than the resolution: the resize and crop do work
+    for i in range(count):
+        smooth = rng.integers(0, 256, (side // 8 + 1, side // 8 + 1, 3), dtype=np.uint8)
+        image = PIL.Image.fromarray(smooth).resize((side + 7, side), PIL.Image.Resampling.BILINEAR)
+        image.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+
+
+def model_only(model, processor, rows, batch_size, device) -> float:
+    """images/s of eval-mode encoding of already preprocessed images (after one warm-up batch)."""
+    pixels = torch.cat(
+        [processor(token_data.to_pil(rows[i]["image"], f"row {i}"))["pixel_values"] for i in range(len(rows))]
+    ).to(device)
+    autocast = device.type == "cuda"
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+        model.encode(pixels[:batch_size])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for first in range(0, len(pixels), batch_size):
+            model.encode(pixels[first : first + batch_size]).indices.cpu()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return len(pixels) / (time.perf_counter() - start)
+
+
+def pipeline(model, processor, rows, batch_size, workers, device, folder) -> float:
+    layout = model.token_layout()
+    start = time.perf_counter()
+    token_data.write_shards(
+        model,
+        layout,
+        processor,
+        rows,
+        len(rows),
+        folder,
+        image_column="image",
+        batch_size=batch_size,
+        num_workers=workers,
+        device=device,
+        autocast_dtype=torch.bfloat16 if device.type == "cuda" else None,
+        progress=False,
+    )
+    return len(rows) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["tiny", "default"], choices=sorted(CONFIGS))
+    parser.add_argument("--images", type=int, default=None, help="images per config (default: 2048 tiny, 16 default)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: the script's default)"
+    )
+    parser.add_argument("--repeats", type=int, default=2, help="alternated measurements, the best one is kept")
+    args = parser.parse_args()
+    if args.workers is None:
+        args.workers = [token_data.default_num_workers()]
+    import datasets
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"device {device}, torch threads {torch.get_num_threads()}")
+    print("| config | images | workers | model-only img/s | pipeline img/s | pipeline / model |")
+    print("|---|---|---|---|---|---|")
+    for name in args.configs:
+        count = args.images or DEFAULT_IMAGES[name]
+        torch.manual_seed(0)
+        model = OptVQModel(OptVQConfig(**CONFIGS[name])).to(device).eval()
+        processor = OptVQImageProcessor.from_model_config(model.config)
+        with tempfile.TemporaryDirectory() as tmp:
+            images = os.path.join(tmp, "images")
+            os.makedirs(images)
+            make_images(images, count, model.config.resolution)
+            rows = datasets.load_dataset("imagefolder", data_dir=images, split="train")
+            rows = rows.cast_column("image", datasets.Image(decode=False))
+            batch = min(args.batch_size, count)
+            # Alternated and best of `repeats`: on a shared machine the load changes between measurements.
+            reference, rates = 0.0, dict.fromkeys(args.workers, 0.0)
+            for repeat in range(args.repeats):
+                reference = max(reference, model_only(model, processor, rows, batch, device))
+                for workers in args.workers:
+                    out = os.path.join(tmp, f"out{workers}-{repeat}")
+                    rates[workers] = max(rates[workers], pipeline(model, processor, rows, batch, workers, device, out))
+            for workers, rate in rates.items():
+                print(
+                    f"| {name} | {count} | {workers} | {reference:.2f} | {rate:.2f} | {100 * rate / reference:.0f}% |"
+                )
+
+
+if __name__ == "__main__":
+    main()
