@@ -268,3 +268,30 @@ def test_token_dataset_trains_from_pretokenized_rows(tokenizer_dir, tmp_path, mo
     AcceleratorState._reset_state(True)
     with pytest.raises(ValueError, match="pass the tokenizer that made the tokens"):
         train_ar.main(args)
+
+
+@pytest.mark.slow
+def test_token_dataset_written_by_tokenize_dataset_trains_the_generator(tokenizer_dir, tmp_path):
+    """The real round trip: examples/tokenize_dataset.py writes the tokens of an imagefolder of digits with class
+    subfolders, and train_ar.py --token_dataset trains on exactly those rows without tokenizing again."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(30):
+        folder = tmp_path / "images" / str(int(digits.target[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.round(digits.images[i] * (255 / 16)).astype(np.uint8)
+        PIL.Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    tokenize_dataset = load_example("tokenize_dataset")
+    written = tokenize_dataset.main(
+        ["--tokenizer", str(tokenizer_dir), "--train_data_dir", str(tmp_path / "images"), "--label_column", "label",
+         "--order", "head-major", "--vocabulary", "per-head", "--output_dir", str(tmp_path / "tokens"),
+         "--dataloader_num_workers", "0", "--mixed_precision", "no"]
+    )  # fmt: skip
+    assert len(written.dataset) == 30
+    AcceleratorState._reset_state(True)
+    args = run_args(tokenizer_dir, tmp_path / "ar", "--token_dataset", str(tmp_path / "tokens"))
+    summary = train_ar.main(args)
+    # The tokens are at the tokenizer processor's resolution, whatever --image_size says: the dataset's layout rules.
+    assert summary["images"] == 30 and summary["tokens_per_image"] == written.layout.sequence_length
+    assert written.layout.sequence_length == len(written.dataset[0]["tokens"])
