@@ -22,21 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from optvq_hf import OptVQModel
 from optvq_hf.image_processing_optvq import OptVQImageProcessor
 from optvq_hf.training import token_data
-from optvq_hf.training.cli import options_to_dict, parse_options
+from optvq_hf.training.cli import option, options_to_dict, parse_options
 from optvq_hf.training.data import _check_column, _undecoded
-
-
-def option(default, help: str):
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

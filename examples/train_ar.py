@@ -56,7 +56,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -79,17 +79,12 @@ from transformers import (
 from optvq_hf import OptVQImageProcessor, OptVQModel, TokenLayout
 from optvq_hf.generation import process_logits
 from optvq_hf.tokens import ORDERS, VOCABULARIES
-from optvq_hf.training.cli import parse_options
+from optvq_hf.training.cli import option, parse_options
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------------
-def option(default, help: str | None = None, **metadata):
-    """A field of `ArOptions` with its `--help` text."""
-    return field(default=default, metadata={"help": help, **metadata})
-
-
 @dataclass
 class ArOptions:
     """Every option of a run; a YAML `--config` file holds the same keys, the command line wins."""

@@ -34,6 +34,13 @@ from transformers import HfArgumentParser
 CONFIG_FLAG = "--config"
 
 
+def option(default: Any, help: str, **metadata: Any) -> Any:
+    """A field of an options dataclass with its `--help` text (a list or dict default is copied per instance)."""
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **metadata})
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Types and values
 # ---------------------------------------------------------------------------------------------------------------------
