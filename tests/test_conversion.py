@@ -317,11 +317,7 @@ def _set(block: dict, path: str, value) -> dict:
     [
         ("quantize.use_prob", True, "use_prob"),
         ("quantize.use_prob", KeyError, "use_prob"),  # absent: the original class default, true
-        ("quantize.loss_q_type", "ce", "loss_q_type"),
-        ("quantize.loss_q_type", KeyError, "loss_q_type"),  # absent: the original class default, 'ce'
         ("quantize.use_norm", True, "use_norm"),
-        ("quantize.fix_codes", True, "fix_codes"),
-        ("quantize.start_quantize_steps", 100, "start_quantize_steps"),
         ("quantize.normalize_mode", "sphere", "normalize_mode"),
         ("quantize.temperature", 1.0, "temperature"),
         ("use_connector", False, "use_connector"),
@@ -344,6 +340,24 @@ def test_unsupported_or_unknown_original_settings_are_errors(path, value, messag
         _set(block, path, value)
     with pytest.raises(OriginalConfigError, match=message):
         spec_from_autoencoder_block(block, "test").to_optvq_config()
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("quantize.loss_q_type", "ce", "loss_q_type 'ce'"),
+        ("quantize.loss_q_type", "l1", "loss_q_type 'l1'"),
+        ("quantize.loss_q_type", KeyError, "loss_q_type 'ce'"),  # absent: the original class default, 'ce'
+        ("quantize.fix_codes", True, "fix_codes"),
+        ("quantize.start_quantize_steps", 100, "start_quantize_steps 100"),
+    ],
+)
+def test_training_only_settings_convert_with_a_warning(path, value, message):
+    reference = spec_from_autoencoder_block(autoencoder_block(), "test").to_optvq_config()
+    block = _set(autoencoder_block(), path, value)
+    with pytest.warns(UserWarning, match=message):
+        config = spec_from_autoencoder_block(block, "test").to_optvq_config()
+    assert config.to_dict() == reference.to_dict()  # nothing of the forward pass changes
 
 
 def test_config_file_errors(tmp_path):
