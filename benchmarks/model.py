@@ -9,6 +9,12 @@ autocast, `torch.compile` of the encoder and decoder (the quantizer always runs 
     python benchmarks/model.py --configs small --batch 8 --repeats 5
     python benchmarks/model.py --device cuda --batch 32 --bf16 --channels_last
     python benchmarks/model.py --device cuda --batch 32 --compile
+    python benchmarks/model.py --step-ratio --configs small default --batch 2   # optvq vs vq training step
+
+`--step-ratio` times the training step (forward, L1 + L2 + quantizer loss, backward, AdamW step) of the same
+model and batch with `quantizer_type="optvq"` (Sinkhorn assignment) and `"vq"` (nearest code), interleaved call by
+call, and prints step(optvq) / step(vq). The perceptual (LPIPS) term is left out: its weights are a download; the
+GAN is left out as the issue asks.
 
 Configurations: `default` is `OptVQConfig()` (256x256 images, 16x16x4 tokens, 16384 codes, 73 M parameters);
 `small` is a 64x64 model (8x8x4 tokens, 1024 codes). Phases: `encode` and `decode` in eval mode without gradients
@@ -161,6 +167,46 @@ def format_bytes(value) -> str:
     return f"{value / 2**20:,.0f} MiB" if value < 2**30 else f"{value / 2**30:,.2f} GiB"
 
 
+def step_ratio(args, device: torch.device) -> None:
+    """Training step with quantizer_type "optvq" against "vq": same weights, same batch, interleaved."""
+    for config_name in args.configs:
+        batch = args.batch or (8 if device.type == "cuda" else (1 if config_name == "default" else 8))
+        models, optimizers = {}, {}
+        for quantizer_type in ("optvq", "vq"):
+            torch.manual_seed(0)
+            model = OptVQModel(OptVQConfig(**CONFIGS[config_name], quantizer_type=quantizer_type)).to(device).train()
+            if quantizer_type == "vq":
+                model.load_state_dict(models["optvq"].state_dict())
+            models[quantizer_type] = torch.compile(model) if args.compile else model
+            optimizers[quantizer_type] = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        size = models["optvq"].config.resolution if not args.compile else models["optvq"]._orig_mod.config.resolution
+        images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+        times = {name: [] for name in models}
+        for call in range(args.warmup + args.repeats):
+            for name, model in models.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                begin = time.perf_counter()
+                with autocast:
+                    out = model(images)
+                    error = out.reconstruction.float() - images
+                    loss = error.abs().mean() + error.pow(2).mean() + out.quantizer_loss
+                loss.backward()
+                optimizers[name].step()
+                optimizers[name].zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if call >= args.warmup:
+                    times[name].append(time.perf_counter() - begin)
+        optvq, vq = (statistics.median(times[name]) for name in ("optvq", "vq"))
+        print(
+            f"{config_name:<8} batch {batch:>3} {'compiled' if args.compile else 'eager':<8} "
+            f"{'bf16' if args.bf16 else 'fp32'}: step optvq {optvq * 1e3:9.1f} ms, vq {vq * 1e3:9.1f} ms, "
+            f"ratio {optvq / vq:.3f} (median of {args.repeats})"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -179,6 +225,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder and the decoder")
     parser.add_argument("--attention", nargs="+", default=["sdpa", "plain"], choices=["sdpa", "plain"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--step-ratio", action="store_true", help="training step, quantizer_type optvq against vq")
     args = parser.parse_args()
     if args.compile and args.warmup < 2:
         args.warmup = 2  # the first calls compile
@@ -200,6 +247,9 @@ def main() -> None:
     )
     options = [name for name in ("channels_last", "bf16", "compile") if getattr(args, name)] or ["fp32"]
     print(f"machine: {machine}; torch {torch.__version__}; options: {', '.join(options)}")
+    if args.step_ratio:
+        step_ratio(args, device)
+        return
     print(
         f"{'config':<8} {'attention':<9} {'phase':<7} {'batch':>5} {'ms/call':>9} {'images/s':>9} "
         f"{'vs plain':>8} {'peak memory':>12}"

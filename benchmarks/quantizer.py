@@ -4,9 +4,12 @@ Compares, in one run and on the same inputs:
 
 - `optvq`: this package's `SinkhornQuantizer` (materialised: one (N, K) matrix),
 - `optvq-stream`: the same in streaming mode (no (N, K) matrix; tiles recomputed on every pass),
-- `optvq-log` (only with --methods): `optvq` forced into the log domain (what the exp domain's certificate saves),
-- `original`: the original OptVQ algorithm written straight from its formulas (cdist, (D - mean) / (std + 1e-6),
-  minus the min, exp, 5 in-place scaling iterations with the +1e-8 guards, argmax), the baseline the paper's users run,
+- `optvq-compiled`: the same with the solver's iterations under `torch.compile`,
+- `previous` (only with --methods): the exp-domain solver with underflow certificate that this one replaced, loaded
+  from git (`git show 2ed03b4:optvq_hf/assignment.py`), skipped outside a git checkout,
+- `original`: the original OptVQ algorithm, `optvq_hf.conversion.original_reference.original_sinkhorn` (its
+  transcription: cdist, (D - mean) / (std + 1e-6), minus the min, exp, 5 in-place scaling iterations with the +1e-8
+  guards, argmax), the baseline the paper's users run,
 - `nearest`: this package's `VectorQuantizer` (nearest code), the floor of what any assignment costs,
 - `vq-pytorch`: `vector_quantize_pytorch.VectorQuantize` (nearest code with EMA codebook updates, its defaults), when
   importable (`pip install vector-quantize-pytorch`; benchmark-only).
@@ -49,40 +52,66 @@ import torch
 from torch import nn
 
 from optvq_hf import SinkhornQuantizer, VectorQuantizer
+from optvq_hf.conversion.original_reference import original_sinkhorn
 
 HEADS = 4
 DEFAULT_SIZES = ["4096,1024,64", "16384,4096,64", "32768,16384,64"]
-METHODS = ["original", "optvq", "optvq-stream", "nearest", "vq-pytorch"]
-EXTRA_METHODS = ["optvq-log"]  # on request: the solver forced into the log domain
+METHODS = ["original", "optvq", "optvq-compiled", "optvq-stream", "nearest", "vq-pytorch"]
+EXTRA_METHODS = ["previous"]  # on request: the solver this one replaced
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The original algorithm, from its formulas (GitHub zbr17/OptVQ, VectorQuantizerSinkhorn and sinkhorn)
+# The compared solvers
 # ---------------------------------------------------------------------------------------------------------------------
-def original_sinkhorn(cost: torch.Tensor, iterations: int, epsilon: float) -> torch.Tensor:
-    plan = torch.exp(-cost * epsilon).t()  # (K, N)
-    num_codes, num_rows = plan.shape
-    plan /= plan.sum() + 1e-8
-    for _ in range(iterations):
-        plan /= plan.sum(dim=1, keepdim=True) + 1e-8
-        plan /= num_codes
-        plan /= plan.sum(dim=0, keepdim=True) + 1e-8
-        plan /= num_rows
-    plan *= num_rows
-    return plan.t()
+PREVIOUS_SOLVER_COMMIT = "2ed03b4"
 
 
-class LogDomainSinkhornQuantizer(SinkhornQuantizer):
-    """This package's quantizer with the solver forced into the log domain, for comparison."""
+def previous_solver():
+    """The solver module this one replaced, from git (None outside a checkout that holds the commit)."""
+    import types
 
-    def forward(self, z: torch.Tensor):
-        import optvq_hf.assignment as quantization
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{PREVIOUS_SOLVER_COMMIT}:optvq_hf/assignment.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    module = types.ModuleType("previous_assignment")
+    exec(compile(source, "previous_assignment.py", "exec"), module.__dict__)
+    return module
 
-        limit, quantization.EXP_DOMAIN_MAX_SPREAD = quantization.EXP_DOMAIN_MAX_SPREAD, -1.0
-        try:
-            return super().forward(z)
-        finally:
-            quantization.EXP_DOMAIN_MAX_SPREAD = limit
+
+class PreviousSinkhornQuantizer(SinkhornQuantizer):
+    """This package's quantizer with the previous (guard-free, exp-domain) solver, for comparison."""
+
+    solver = None
+
+    def sinkhorn_codes(self, rows, codes, distributed):
+        return self.solver.sinkhorn_codes(
+            rows, codes, self.epsilon, self.iterations, self.cost_normalization, self.chunk_size, distributed, False
+        )
+
+
+class CompiledSinkhornQuantizer(SinkhornQuantizer):
+    """This package's quantizer with the solver's iterations compiled."""
+
+    iterations_compiled = None
+
+    def sinkhorn_codes(self, rows, codes, distributed):
+        import optvq_hf.assignment as assignment
+
+        if CompiledSinkhornQuantizer.iterations_compiled is None:
+            CompiledSinkhornQuantizer.iterations_compiled = torch.compile(assignment._sinkhorn_indices)
+        kernel = assignment._LogKernel(
+            rows, codes, self.epsilon, self.cost_normalization, self.chunk_size, distributed, False
+        )
+        return CompiledSinkhornQuantizer.iterations_compiled(
+            kernel, codes.shape[0], self.iterations, distributed, rows.device
+        )
 
 
 class OriginalSinkhornQuantizer(nn.Module):
@@ -140,8 +169,11 @@ def build(method: str, num_codes: int, code_dim: int, device: torch.device) -> n
         module = OriginalSinkhornQuantizer(num_codes, embed_dim, HEADS)
     elif method in ("optvq", "optvq-stream"):
         module = SinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=method == "optvq-stream")
-    elif method == "optvq-log":
-        module = LogDomainSinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=False)
+    elif method == "optvq-compiled":
+        module = CompiledSinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=False)
+    elif method == "previous":
+        PreviousSinkhornQuantizer.solver = PreviousSinkhornQuantizer.solver or previous_solver()
+        module = PreviousSinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=False)
     elif method == "nearest":
         module = VectorQuantizer(num_codes, embed_dim, HEADS)
     elif method == "vq-pytorch":
@@ -157,7 +189,7 @@ def build(method: str, num_codes: int, code_dim: int, device: torch.device) -> n
         )
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method in ("optvq", "optvq-stream", "optvq-log", "original"):
+    if method in ("optvq", "optvq-stream", "optvq-compiled", "previous", "original"):
         module.load_state_dict(reference)
     return module.to(device).train()
 
@@ -189,7 +221,8 @@ def estimated_peak_bytes(method: str, num_rows: int, num_codes: int) -> float:
         "original": 4.5,
         "vq-pytorch": 4.0,
         "optvq": 1.1,
-        "optvq-log": 1.1,
+        "optvq-compiled": 1.1,
+        "previous": 1.1,
         "optvq-stream": 0.05,
         "nearest": 0.3,
     }[method]
@@ -229,6 +262,28 @@ def time_methods(methods, num_rows, num_codes, code_dim, device, warmup, repeats
         if call >= warmup + 2 and time.perf_counter() - started > max_seconds:
             break  # large sizes: at least 3 timed calls, then stop at the time budget
     return {method: statistics.median(values) for method, values in times.items()}, indices, len(times[methods[0]])
+
+
+def limit_seconds(num_rows, num_codes, code_dim, device, repeats):
+    """Medians of the GEMM of the distance shape and of one streaming pass (a matrix-vector product) over (N, K)."""
+    rows, codes = torch.randn(num_rows, code_dim, device=device), torch.randn(num_codes, code_dim, device=device)
+    matrix, vector = torch.empty(num_rows, num_codes, device=device), torch.randn(num_codes, device=device)
+    norms = codes.pow(2).sum(1)
+
+    def median(function):
+        values = []
+        for _ in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            function()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            values.append(time.perf_counter() - begin)
+        return statistics.median(values[1:])
+
+    gemm = median(lambda: torch.addmm(norms, rows, codes.T, alpha=-2, out=matrix))
+    return gemm, median(lambda: torch.mv(matrix, vector))
 
 
 def comparable_indices(method: str, indices: torch.Tensor) -> torch.Tensor:
@@ -299,96 +354,6 @@ def cuda_peak(method, num_rows, num_codes, code_dim, device) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Which solver path real inputs take
-# ---------------------------------------------------------------------------------------------------------------------
-def spread_sources():
-    """(name, rows, codes, epsilon): random normal features, and the features of randomly initialised models."""
-    from optvq_hf import OptVQConfig, OptVQModel
-
-    for num_rows, num_codes, code_dim in [(4096, 1024, 8), (16384, 4096, 64), (4096, 16384, 64)]:
-        generator = torch.Generator().manual_seed(0)
-        torch.manual_seed(0)
-        codes = VectorQuantizer(num_codes, code_dim).codebook().detach()
-        yield (
-            f"randn N={num_rows} K={num_codes} d={code_dim}",
-            torch.randn(num_rows, code_dim, generator=generator),
-            codes,
-            10.0,
-        )
-    tiny = dict(
-        resolution=32,
-        base_channels=32,
-        channel_multipliers=(1, 2),
-        num_res_blocks=1,
-        attn_resolutions=(),
-        latent_channels=32,
-        embed_dim=32,
-        num_heads=4,
-        num_codes=64,
-    )
-    small = dict(
-        resolution=64,
-        base_channels=32,
-        channel_multipliers=(1, 2, 2, 4),
-        num_res_blocks=1,
-        attn_resolutions=(8,),
-        latent_channels=64,
-        embed_dim=64,
-        num_heads=4,
-        num_codes=1024,
-    )
-    for name, kwargs, batch in [("tiny", tiny, 8), ("small", small, 8), ("default", {}, 2)]:
-        torch.manual_seed(0)
-        config = OptVQConfig(**kwargs)
-        model = OptVQModel(config).eval()
-        images = torch.rand(batch, 3, config.resolution, config.resolution) * 2 - 1
-        with torch.no_grad():
-            latents = model.encode(images).latents
-        rows = latents.permute(0, 2, 3, 1).reshape(-1, model.quantizer.code_dim)
-        yield (
-            f"OptVQModel {name} (random init), batch {batch}",
-            rows,
-            model.quantizer.codebook().detach(),
-            config.sinkhorn_epsilon,
-        )
-
-
-def report_spreads() -> None:
-    """Prints the spread of the log-kernel and the path the solver takes, with the number of repaired sums."""
-    import optvq_hf.assignment as quantization
-
-    repairs = {"rows": 0, "codes": 0}
-    log_block = quantization._Kernel.log_block
-
-    def counting(kernel, rows, codes=None):
-        repairs["rows" if codes is None else "codes"] += len(rows) if codes is None else len(codes)
-        return log_block(kernel, rows, codes)
-
-    quantization._Kernel.log_block = counting
-    print(
-        f"exp domain up to a spread of {quantization.EXP_DOMAIN_MAX_SPREAD:g} log-kernel units "
-        f"(largest best-to-worst range of a row, times epsilon / std)"
-    )
-    print(f"{'features':<44} {'N':>6} {'K':>6} {'d':>3} {'spread':>7} {'path':>5} {'repaired row/code sums':>23}")
-    for name, rows, codes, epsilon in spread_sources():
-        solver = quantization._SinkhornSolver(epsilon, 5, "all", 4096, distributed=False, streaming=False)
-        distances = quantization._DistanceTiles(rows, codes)
-        scratch = rows.new_empty(solver.tile_rows(rows.shape[0], codes.shape[0], rows.device), codes.shape[0])
-        std, largest_range, _, _ = solver.statistics(
-            distances, rows.new_empty(rows.shape[0], codes.shape[0]), None, scratch
-        )
-        spread = largest_range * solver.kernel_scale(std, codes.shape[1])
-        repairs.update(rows=0, codes=0)
-        solver.assign(rows, codes)
-        path = "exp" if spread <= quantization.EXP_DOMAIN_MAX_SPREAD else "log"
-        print(
-            f"{name:<44} {rows.shape[0]:>6} {codes.shape[0]:>6} {codes.shape[1]:>3} {spread:>7.1f} {path:>5} "
-            f"{repairs['rows']:>11}/{repairs['codes']}"
-        )
-    quantization._Kernel.log_block = log_block
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
 def describe_machine(device: torch.device) -> str:
@@ -438,7 +403,6 @@ def main() -> None:
         default=0,
         help="start this many busy-looping processes for the run: the load of a shared machine",
     )
-    parser.add_argument("--spreads", action="store_true", help="only report which solver path real inputs take")
     parser.add_argument("--memory-case", nargs=4, metavar=("METHOD", "N", "K", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -450,9 +414,6 @@ def main() -> None:
         print(json.dumps({"peak_bytes": peak}))
         return
 
-    if args.spreads:
-        report_spreads()
-        return
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_processes)]
     try:
         run(args)
@@ -498,6 +459,13 @@ def run(args) -> None:
         times, indices, calls = time_methods(
             fitting, num_rows, num_codes, code_dim, device, args.warmup, args.repeats, args.max_seconds
         )
+        gemm, one_pass = limit_seconds(num_rows, num_codes, code_dim, device, args.repeats)
+        limit = gemm + 10 * one_pass  # 5 iterations = 10 half-steps
+        print(
+            f"N={num_rows} K={num_codes} d={code_dim}: limit {limit * 1e3:.1f} ms = GEMM {gemm * 1e3:.1f} ms + "
+            f"10 x one pass over (N, K) (matrix-vector product) {one_pass * 1e3:.1f} ms; "
+            + ", ".join(f"{m} {times[m] / limit:.2f}x limit" for m in fitting if m.startswith(("optvq", "previous")))
+        )
         peaks = {}
         if not args.no_memory:
             for method in fitting:
@@ -509,7 +477,7 @@ def run(args) -> None:
         reference = comparable_indices("optvq", indices["optvq"]) if "optvq" in indices else None
         for method in fitting:
             same = "-"
-            if reference is not None and method in ("original", "optvq-stream", "optvq-log"):
+            if reference is not None and method in ("original", "optvq-stream", "optvq-compiled", "previous"):
                 same = f"{(comparable_indices(method, indices[method]) == reference).float().mean().item():.4%}"
             rows.append(
                 (

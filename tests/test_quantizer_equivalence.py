@@ -1,15 +1,17 @@
-"""The optimised Sinkhorn solver computes the original formulas: every path (exp / log domain, materialised /
-streaming, tiled, with its underflow repairs) gives the assignments of a float64 computation of the original
-algorithm, and the quantizer's loss and gradients follow from them. Also: the memory the modes promise (one (N, K)
-matrix, or none)."""
+"""The Sinkhorn solver computes the original algorithm, its `+1e-8` guards included: every path (materialised,
+streaming, tiled) gives the assignments of a float64 transcription of the original formulas with the guards, also at
+the paper's codebook size, where the guards matter; the nearest-code search gives the exact argmin; the quantizer's
+loss and gradients follow from the assignment. Also: the memory the modes promise (one (N, K) matrix, or none)."""
 
 import pytest
 import torch
-from original_formulas import normalize_cost, original_indices, original_plan
+from conftest import OFFICIAL_TINY
+from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import optvq_hf.assignment as quantization
+import optvq_hf.assignment as assignment
 from optvq_hf import SinkhornQuantizer
+from optvq_hf.conversion.original_reference import original_indices
 
 
 def features_and_codes(num_rows: int, num_codes: int, code_dim: int, seed: int, outliers: bool = False):
@@ -17,94 +19,71 @@ def features_and_codes(num_rows: int, num_codes: int, code_dim: int, seed: int, 
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randn(num_rows, code_dim, generator=generator)
     codes = torch.randn(num_codes, code_dim, generator=generator)
-    if outliers:  # rows and codes far from everything: their exp-domain sums underflow and must be repaired
+    if outliers:  # rows and codes far from everything: the original's float32 kernel underflows for them
         rows[:3] *= 6.0
         codes[:4] = codes[:4] * 4.0 + 3.0
     return rows, codes
 
 
 def solve(rows, codes, mode="all", epsilon=10.0, chunk_size=4096, streaming=False, iterations=5):
-    solver = quantization._SinkhornSolver(
-        epsilon, iterations, mode, chunk_size, distributed=False, streaming=streaming
+    return assignment.sinkhorn_codes(rows, codes, epsilon, iterations, mode, chunk_size, False, streaming)
+
+
+def test_paper_sized_codebook_equals_the_guarded_float64_formulas():
+    # K = 16384 codes, N = 4096 rows: most codes start with a mass far below the 1e-8 guard. The solver equals the
+    # float64 transcription with the guards (and the original's own float32 arithmetic); without them 54 differ.
+    rows, codes = features_and_codes(4096, 16384, 8, seed=0)
+    expected = original_indices(rows, codes)
+    assert torch.equal(solve(rows, codes), expected)
+    assert int((original_indices(rows, codes, guard=0.0) != expected).sum()) == 54
+
+
+def test_fixture_sinkhorn_indices_equal_the_original_outputs():
+    reference = load_file(OFFICIAL_TINY / "reference_outputs.safetensors")
+    weights = load_file(OFFICIAL_TINY / "hub_format" / "model.safetensors")
+    quantizer = SinkhornQuantizer(64, 32, num_heads=4, inference_assignment="sinkhorn").eval()
+    quantizer.load_state_dict(
+        {key[len("model.quantize.") :]: value for key, value in weights.items() if "quantize" in key}
     )
-    return solver.assign(rows, codes)
-
-
-@pytest.fixture
-def small_tiles(monkeypatch):
-    # Tiles of a few rows, so that every size below runs through many tiles and a ragged last one.
-    monkeypatch.setattr(quantization, "CPU_TILE_ENTRIES", 2**14)
-
-
-class RepairCounter:
-    """Counts the rows and codes whose exp-domain sums were recomputed in the log domain."""
-
-    def __init__(self, monkeypatch):
-        self.rows = self.codes = 0
-        original = quantization._Kernel.log_block
-
-        def counting(kernel, rows, codes=None):
-            if codes is None:
-                self.rows += len(rows)
-            else:
-                self.codes += len(codes)
-            return original(kernel, rows, codes)
-
-        monkeypatch.setattr(quantization._Kernel, "log_block", counting)
+    rows = reference["latents"].permute(0, 2, 3, 1).reshape(-1, 8)
+    for streaming in (False, True):
+        quantizer.streaming = streaming
+        with torch.no_grad():
+            indices = quantizer(reference["latents"]).indices
+        assert torch.equal(indices, reference["indices"])
+    guard_free = original_indices(rows, quantizer.codebook().detach(), guard=0.0).reshape(8, 8, 8, 4)
+    assert int((guard_free.permute(0, 3, 1, 2) != reference["indices"]).sum()) == 8  # the README's "8 of 2048"
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize(
-    ("num_rows", "num_codes", "code_dim", "tile_entries"),
-    [(512, 64, 8, 2**12), (999, 300, 16, 2**14), (2560, 1024, 64, 2**20)],
+    ("num_rows", "num_codes", "code_dim", "tile_entries"), [(512, 64, 8, 2**12), (999, 300, 16, 2**14)]
 )
 def test_assignments_equal_the_float64_formulas(num_rows, num_codes, code_dim, tile_entries, streaming, monkeypatch):
-    monkeypatch.setattr(quantization, "CPU_TILE_ENTRIES", tile_entries)  # several tiles, the last one ragged
+    monkeypatch.setattr(assignment, "TILE_ENTRIES", tile_entries)  # several tiles, the last one ragged
     rows, codes = features_and_codes(num_rows, num_codes, code_dim, seed=num_rows)
-    indices = solve(rows, codes, streaming=streaming)
-    assert torch.equal(indices, original_indices(rows, codes))
+    assert torch.equal(solve(rows, codes, streaming=streaming), original_indices(rows, codes))
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize(("mode", "epsilon"), [("all", 10.0), ("all", 3.0), ("dim", 10.0), ("none", 1.5)])
-def test_both_domains_equal_the_float64_formulas(mode, epsilon, streaming, small_tiles, monkeypatch):
+def test_normalisations_equal_the_float64_formulas(mode, epsilon, streaming):
     rows, codes = features_and_codes(700, 200, 16, seed=1)
     expected = original_indices(rows, codes, epsilon=epsilon, mode=mode)
-    for spread_limit in (1e9, -1.0):  # exp domain, then log domain
-        monkeypatch.setattr(quantization, "EXP_DOMAIN_MAX_SPREAD", spread_limit)
-        assert torch.equal(solve(rows, codes, mode, epsilon, streaming=streaming), expected)
+    assert torch.equal(solve(rows, codes, mode, epsilon, streaming=streaming), expected)
 
 
-def test_underflowing_rows_and_codes_are_repaired_exactly(small_tiles, monkeypatch):
-    # Outlying rows and codes: in float32 their kernel entries underflow, and the original's own float32 code assigns
-    # the outlying rows wrongly. The exp domain detects each sum it cannot vouch for and recomputes it exactly.
+def test_outliers_where_the_original_float32_underflows_get_the_exact_assignment():
     rows, codes = features_and_codes(800, 128, 16, seed=2, outliers=True)
     expected = original_indices(rows, codes, epsilon=20.0)
-    cost = normalize_cost(torch.cdist(rows, codes), "all", 16)
-    assert (original_plan(cost, 20.0, 5, guard=1e-8).argmax(dim=1)[:3] != expected[:3]).all()
-    monkeypatch.setattr(quantization, "EXP_DOMAIN_MAX_SPREAD", 1e9)
-    repairs = RepairCounter(monkeypatch)
-    indices = solve(rows, codes, epsilon=20.0)
-    assert repairs.rows > 0 and repairs.codes > 0
-    assert torch.equal(indices, expected)
+    float32 = original_indices(rows, codes, epsilon=20.0, dtype=torch.float32)
+    assert (float32[:3] != expected[:3]).all()  # the original's float32 kernel underflows for these rows
+    assert torch.equal(solve(rows, codes, epsilon=20.0), expected)
     assert torch.equal(solve(rows, codes, epsilon=20.0, streaming=True), expected)
 
 
-def test_repairing_every_sum_gives_the_same_assignment(small_tiles, monkeypatch):
-    # With a certificate that trusts nothing, every row, code and argmax goes through the repair path.
-    rows, codes = features_and_codes(300, 50, 8, seed=3)
-    expected = original_indices(rows, codes)
-    monkeypatch.setattr(quantization, "_LOST_TERM", 1.0)
-    monkeypatch.setattr(quantization, "_ARGMAX_FLOOR", 2.0)
-    repairs = RepairCounter(monkeypatch)
-    assert torch.equal(solve(rows, codes), expected)
-    assert repairs.rows == 300 * 5  # 4 row steps + the argmax, every row
-    assert repairs.codes == 50 * 5 * -(-300 // (2**14 // 50))  # 5 column steps, every code, tile by tile
-
-
 @pytest.mark.parametrize("iterations", [1, 2, 7])
-def test_iteration_counts_and_chunk_sizes(iterations, monkeypatch):
-    monkeypatch.setattr(quantization, "CPU_TILE_ENTRIES", 10**9)  # tiles of exactly chunk_size rows
+def test_iteration_counts_and_chunk_sizes(iterations):
     rows, codes = features_and_codes(300, 40, 8, seed=4)
     expected = original_indices(rows, codes, iterations=iterations)
     for chunk_size in (1, 77, 4096):
@@ -113,12 +92,35 @@ def test_iteration_counts_and_chunk_sizes(iterations, monkeypatch):
             assert torch.equal(indices, expected)
 
 
+def test_the_solver_compiles_without_graph_breaks_in_its_iterations():
+    rows, codes = features_and_codes(256, 64, 8, seed=6)
+    compiled = torch.compile(assignment._sinkhorn_indices, backend="eager")
+    kernel = assignment._LogKernel(rows, codes, 10.0, "all", 4096, False, False)
+    assert torch.equal(compiled(kernel, 64, 5, False, rows.device), original_indices(rows, codes))
+
+
+def test_nearest_codes_equal_the_exact_argmin():
+    rows, codes = features_and_codes(3000, 1000, 16, seed=7)
+    exact = torch.cdist(rows.double(), codes.double()).argmin(dim=1)
+    for chunk_size in (1, 333, 4096):
+        assert torch.equal(assignment.nearest_codes(rows, codes, chunk_size), exact)
+
+
 def test_streaming_is_chosen_above_the_memory_threshold(monkeypatch):
     rows, codes = features_and_codes(256, 32, 8, seed=5)
-    monkeypatch.setattr(quantization, "STREAMING_MIN_BYTES", 256 * 32 * 4)
-    assert not quantization._SinkhornSolver(10.0, 5, "all", 64, False).uses_streaming(256, 32)
-    assert quantization._SinkhornSolver(10.0, 5, "all", 64, False).uses_streaming(257, 32)
-    assert not quantization._SinkhornSolver(10.0, 5, "all", 64, False, streaming=False).uses_streaming(10**6, 10**6)
+    calls = []
+    original = assignment._LogKernel.__init__
+
+    def recording(self, *args):
+        calls.append(args[-1])
+        original(self, *args)
+
+    monkeypatch.setattr(assignment._LogKernel, "__init__", recording)
+    monkeypatch.setattr(assignment, "STREAMING_MIN_BYTES", 256 * 32 * 4)
+    assignment.sinkhorn_codes(rows, codes, 10.0, 5)
+    assignment.sinkhorn_codes(torch.cat([rows, rows[:1]]), codes, 10.0, 5)
+    assignment.sinkhorn_codes(torch.cat([rows, rows[:1]]), codes, 10.0, 5, streaming=False)
+    assert calls == [False, True, False]
     with pytest.raises(ValueError, match="streaming"):
         SinkhornQuantizer(32, 8, streaming="auto")
 
@@ -151,7 +153,8 @@ class LargeAllocations(TorchDispatchMode):
 
 
 @pytest.mark.parametrize(("streaming", "expected"), [(False, 1), (True, 0)])
-def test_one_or_no_full_matrix(streaming, expected):
+def test_one_or_no_full_matrix(streaming, expected, monkeypatch):
+    monkeypatch.setattr(assignment, "TILE_ENTRIES", 2**16)
     num_rows, num_codes = 1024, 512
     quantizer = SinkhornQuantizer(num_codes, 16, streaming=streaming, chunk_size=256).train()
     z = torch.randn(1, num_rows, 16, requires_grad=True)

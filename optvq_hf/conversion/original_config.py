@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,18 +176,6 @@ class OriginalModelSpec:
         q = self.quantizer
         if q["use_norm"]:
             problems.append("quantizer use_norm: true is not supported (the original itself rejects it)")
-        if q["loss_q_type"] != "l2":
-            problems.append(
-                f"quantizer loss_q_type {q['loss_q_type']!r} is not supported; only 'l2' (the released models') is "
-                f"(the original class default is 'ce', so an absent loss_q_type means 'ce')"
-            )
-        if q["fix_codes"]:
-            problems.append("quantizer fix_codes: true (a frozen codebook) is not supported")
-        if q["start_quantize_steps"] is not None:
-            problems.append(
-                f"quantizer start_quantize_steps {q['start_quantize_steps']!r} (a warm-up without quantization) is "
-                f"not supported; only null"
-            )
         if self.quantizer_type == "optvq":
             if q["use_prob"]:
                 problems.append(
@@ -200,6 +189,25 @@ class OriginalModelSpec:
                 )
         return problems
 
+    def training_only_fields(self) -> list[str]:
+        """One line per original setting that shapes only training (the conversion does not carry it over)."""
+        notes: list[str] = []
+        q = self.quantizer
+        if q["loss_q_type"] != "l2":
+            notes.append(
+                f"quantizer loss_q_type {q['loss_q_type']!r} (a training loss; this package trains with 'l2', and an "
+                f"absent loss_q_type means the class default 'ce')"
+            )
+        if q["fix_codes"]:
+            notes.append("quantizer fix_codes: true (a frozen codebook during training)")
+        if q["start_quantize_steps"] is not None:
+            notes.append(
+                f"quantizer start_quantize_steps {q['start_quantize_steps']!r} (a warm-up without quantization)"
+            )
+        if self.loss is not None:
+            notes.append(f"the loss block ({self.loss.get('target')}: its weights and discriminator)")
+        return notes
+
     def to_optvq_config(self, inference_assignment: str = "nearest") -> OptVQConfig:
         """
         The `OptVQConfig` of the same network.
@@ -208,9 +216,18 @@ class OriginalModelSpec:
             inference_assignment: "nearest" (this package's default: batch-independent tokens) or "sinkhorn" (the
                 original's batch-level assignment in eval mode).
 
+        Settings that shape only training (`training_only_fields`) convert with a warning naming them.
+
         Raises:
-            OriginalConfigError: listing every original setting that cannot be reproduced.
+            OriginalConfigError: listing every original setting that changes the forward pass and cannot be reproduced.
         """
+        notes = self.training_only_fields()
+        if notes:
+            warnings.warn(
+                f"{self.source}: training-only setting(s) not carried over (the converted model's forward pass is "
+                f"unaffected):\n  - " + "\n  - ".join(notes),
+                stacklevel=2,
+            )
         problems = self.unsupported_fields()
         if problems:
             raise OriginalConfigError(

@@ -156,27 +156,51 @@ def random_original_state_dict(spec: OriginalModelSpec, seed: int = 0) -> dict[s
 
 
 # -- the original's forward pass --------------------------------------------------------------------------------------
-def original_sinkhorn(cost: torch.Tensor, iterations: int, epsilon: float) -> torch.Tensor:
-    """The original `sinkhorn(cost, n_iters, epsilon)` (single process): float32 scaling in place, +1e-8 guards."""
+def original_sinkhorn(cost: torch.Tensor, iterations: int, epsilon: float, guard: float = 1e-8) -> torch.Tensor:
+    """
+    The original `sinkhorn(cost, n_iters, epsilon)` (single process), in the dtype of `cost`: scaling in place, every
+    mass divided by `mass + guard` (the original's `+ 1e-8`; `guard=0` gives the guard-free Sinkhorn-Knopp). In
+    float32 its rounding is the original's; in float64 it is the exact reference the solver is tested against.
+    """
     plan = torch.exp(-cost * epsilon).t()  # (K, N)
     num_codes, num_rows = plan.shape
-    plan /= plan.sum() + 1e-8
+    plan /= plan.sum() + guard
     for _ in range(iterations):
-        plan /= plan.sum(dim=1, keepdim=True) + 1e-8
+        plan /= plan.sum(dim=1, keepdim=True) + guard
         plan /= num_codes
-        plan /= plan.sum(dim=0, keepdim=True) + 1e-8
+        plan /= plan.sum(dim=0, keepdim=True) + guard
         plan /= num_rows
     plan *= num_rows
     return plan.t()
 
 
-def _normalize_cost(distances: torch.Tensor, mode: str, code_dim: int) -> torch.Tensor:
+def normalize_cost(distances: torch.Tensor, mode: str, code_dim: int) -> torch.Tensor:
+    """The original cost normalisation: "all" standardises by the whole matrix and subtracts the minimum."""
     if mode == "all":
         normalized = (distances - distances.mean()) / (distances.std() + 1e-6)
         return normalized - normalized.min()
     if mode == "dim":
         return distances / math.sqrt(code_dim)
-    return distances  # "null"
+    return distances  # "null" / "none"
+
+
+def original_indices(
+    rows: torch.Tensor,
+    codes: torch.Tensor,
+    epsilon: float = 10.0,
+    iterations: int = 5,
+    mode: str = "all",
+    guard: float = 1e-8,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """
+    Argmax of the original plan for (N, d) rows and (K, d) codes: float32 `cdist` distances (as the original and the
+    quantizer compute them), everything after them in `dtype` (float64: the exact reference; float32: the original's
+    own arithmetic).
+    """
+    distances = torch.cdist(rows.float(), codes.float()).to(dtype)
+    cost = normalize_cost(distances, mode, codes.shape[1])
+    return original_sinkhorn(cost, iterations, epsilon, guard).argmax(dim=1)
 
 
 class OriginalReference:
@@ -304,7 +328,7 @@ class OriginalReference:
         distances = torch.cdist(rows, codes, p=2.0)
         if assignment == "sinkhorn":
             q = self.spec.quantizer
-            cost = _normalize_cost(distances, q["normalize_mode"], codes.shape[1])
+            cost = normalize_cost(distances, q["normalize_mode"], codes.shape[1])
             indices = original_sinkhorn(cost, q["n_iters"], q["epsilon"]).argmax(dim=-1)
         elif assignment == "nearest":
             indices = distances.argmin(dim=-1)
@@ -330,4 +354,11 @@ class OriginalReference:
         return self.decode(quantized)
 
 
-__all__ = ["OriginalReference", "original_parameter_shapes", "original_sinkhorn", "random_original_state_dict"]
+__all__ = [
+    "OriginalReference",
+    "normalize_cost",
+    "original_indices",
+    "original_parameter_shapes",
+    "original_sinkhorn",
+    "random_original_state_dict",
+]

@@ -29,9 +29,12 @@ from .original_reference import OriginalReference
 # Share of differing nearest-code indices above which the assignment counts as broken: latents that agree to ~1e-6
 # can still flip a near-tie, a wrong codebook or head layout flips most indices.
 MAX_NEAREST_INDEX_MISMATCH = 0.01
+# Sinkhorn indices may differ only at exact float ties of the plan: the solver computes the original's algorithm, its
+# `+1e-8` guards included. (Without the guards 8 of the fixture's 2048 indices differ, 2-4% at the paper's sizes.)
+MAX_SINKHORN_INDEX_MISMATCH = 0.001
 SINKHORN_NOTE = (
-    "Sinkhorn indices are reported, not enforced: the original scales a float32 matrix in place, and where a row's "
-    "entries underflow its argmax loses precision; optvq-hf computes the same plan without underflow."
+    "Sinkhorn indices: optvq-hf computes the original's plan, its +1e-8 guards included, in the log domain; they "
+    "may differ from the original's float32 result only at near-exact ties of the plan."
 )
 
 
@@ -196,12 +199,12 @@ def verify_conversion(
     if rule == "sinkhorn":
         with inference_assignment(model, "sinkhorn"):
             sinkhorn_indices = model.encode(ours(pixels)).indices.cpu()
-        # Not enforced: the original's float32 in-place scaling loses precision where a row's entries underflow.
+        sinkhorn_limit = int(MAX_SINKHORN_INDEX_MISMATCH * ref_indices.numel())
         add(
             Check(
                 "indices, sinkhorn, vs original float32 Sinkhorn",
                 _differ(sinkhorn_indices, ref_indices),
-                None,
+                sinkhorn_limit,
                 ref_indices.numel(),
             )
         )
@@ -252,7 +255,7 @@ def verify_conversion(
                 Check(
                     "indices, sinkhorn, vs original outputs",
                     _differ(sinkhorn_indices, outputs["indices"]),
-                    None,
+                    sinkhorn_limit,
                     outputs["indices"].numel(),
                 )
             )
