@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -400,6 +401,80 @@ def write_report(output_dir: Path, report: dict) -> None:
     (output_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
+# Fields whose effect the restored optimizer / scheduler / data state fixes: changing them on resume would be printed
+# and recorded in training_config.yaml but not applied, so a resume with other values is refused.
+RESTORED_FIELDS = (
+    "seed",
+    "max_train_steps",
+    "num_train_epochs",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "scale_lr",
+    "codebook_lr_multiplier",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "adam_weight_decay",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "one_cycle_pct_start",
+    "use_ema",
+    "ema_decay",
+    "dataset_name",
+    "dataset_config_name",
+    "train_data_dir",
+    "dataset_repeats",
+    "streaming",
+)
+
+
+def check_resume_overrides(saved: dict, current: dict, checkpoint: str) -> None:
+    """A `ValueError` naming every field whose value differs from the checkpoint's run where the restored state
+    would silently override it (learning rate and scheduler live in the restored optimizer / scheduler, the batch
+    size and data order in the restored sampler)."""
+    if not saved:
+        return
+    changed = [
+        f"{name}: {saved[name]!r} in the checkpoint, {_plain(current[name])!r} now"
+        for name in RESTORED_FIELDS
+        if name in saved and saved[name] != _plain(current[name])
+    ]
+    if changed:
+        raise ValueError(
+            f"resuming {checkpoint} with options its restored state overrides: "
+            + "; ".join(changed)
+            + ". Resume with the checkpoint's values, or start a new run (a new output_dir) to change them"
+        )
+
+
+def save_model_atomically(folder: Path, model: OptVQModel, processor: OptVQImageProcessor) -> None:
+    """`save_pretrained` of the model and its processor into a temporary folder next to `folder`, then each file
+    moved into place: a failed write (full disk) leaves no half-written file in `folder` and one error naming it."""
+    import shutil
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=folder.parent))
+    try:
+        model.save_pretrained(temporary)
+        processor.save_pretrained(temporary)
+        for path in sorted(temporary.iterdir()):
+            if path.is_file():
+                os.chmod(path, 0o666 & ~_umask())  # mkdtemp's folder is private; its files get ordinary modes
+                os.replace(path, folder / path.name)
+    except OSError as error:
+        raise OSError(error.errno, f"could not save the model into {folder}: {error.strerror or error}") from error
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
@@ -528,6 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{checkpoint} was written by {state.get('num_processes')} processes: resume it with "
                 f"as many (this launch has {world})"
             )
+        check_resume_overrides(state.get("config", {}), asdict(config), checkpoint)
         global_step = int(state["global_step"])
         train_batches.load_state_dict(process_state["data"])
         if ema is not None:
@@ -662,11 +738,9 @@ def main(argv: list[str] | None = None) -> dict:
         "last_train_logs": last_logs,
     }
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        save_model_atomically(output_dir, unwrapped, processor)
         if ema_model is not None:
-            ema_model.save_pretrained(output_dir / "ema")
-            processor.save_pretrained(output_dir / "ema")
+            save_model_atomically(output_dir / "ema", ema_model, processor)
         reconstruction_grid(unwrapped, grid_images).save(output_dir / "reconstruction.png")
         write_report(output_dir, report)
         accelerator.print((output_dir / "report.md").read_text())

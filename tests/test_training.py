@@ -201,10 +201,11 @@ def test_resume_equals_the_uninterrupted_run_and_skips_an_interrupted_checkpoint
         return real_save_state(self, output_dir, *args, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", crash_at_step_6)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"could not write checkpoint .*checkpoint-6: No space left.*checkpoint-3 is"):
         run(config, interrupted)
     monkeypatch.setattr(Accelerator, "save_state", real_save_state)
-    assert (interrupted / ".tmp-checkpoint-6").is_dir() and not (interrupted / "checkpoint-6").exists()
+    assert not (interrupted / ".tmp-checkpoint-6").exists() and not (interrupted / "checkpoint-6").exists()
+    assert not [path.name for path in interrupted.iterdir() if path.name.startswith(".tmp")]
     (interrupted / "checkpoint-9").mkdir()  # a folder someone copied halfway: no training_state.json
     assert find_latest_checkpoint(interrupted) == str(interrupted / "checkpoint-3")
 
@@ -526,3 +527,52 @@ def test_mnist_config_trains_on_the_offline_digits(tmp_path):
     results = report["validation"]["model"]
     assert report["global_step"] == 2 and results["psnr"] == results["psnr_rgb"] > 0  # one channel: PSNR of it
     assert OptVQModel.from_pretrained(tmp_path / "out").config.in_channels == 1
+
+
+# ------------------------------------------------------------------------------------------------- no silent surprises
+def test_resume_refuses_options_its_restored_state_overrides(tmp_path):
+    config = write_config(tmp_path / "c.yaml", max_train_steps=2, checkpointing_steps=1)
+    run(config, tmp_path / "out")
+    for flag, value, message in [
+        ("--learning_rate", "5e-4", "learning_rate: 0.001 in the checkpoint, 0.0005 now"),
+        ("--lr_scheduler", "cosine", "lr_scheduler: 'constant' in the checkpoint, 'cosine' now"),
+        ("--train_batch_size", "2", "train_batch_size: 4 in the checkpoint, 2 now"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(config, tmp_path / "out", "--resume_from_checkpoint", "latest", flag, value)
+    # Options the restored state does not hold may change: more steps continue the run.
+    report = run(config, tmp_path / "out", "--resume_from_checkpoint", "latest", "--logging_steps", "1")
+    assert report["global_step"] == 2 and report["steps_this_run"] == 0
+
+
+def test_full_disk_at_the_final_save_leaves_no_half_written_file(tmp_path, monkeypatch):
+    config = write_config(tmp_path / "c.yaml", max_train_steps=1)
+    real_save = OptVQModel.save_pretrained
+
+    def full_disk(self, folder, *args, **kwargs):
+        (Path(folder) / "modeling_optvq.py").write_bytes(b"")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(OptVQModel, "save_pretrained", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=f"could not save the model into {out}: No space left on device"):
+        run(config, out)
+    assert not (out / "modeling_optvq.py").exists() and not (out / "model.safetensors").exists()
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".tmp")]
+    assert find_latest_checkpoint(out) == str(out / "checkpoint-1")  # the step's checkpoint stays usable
+    monkeypatch.setattr(OptVQModel, "save_pretrained", real_save)
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        run(write_config(tmp_path / "c.yaml", max_train_steps=1), tmp_path / "out")
+    finally:
+        os.umask(mask)
+    modes = {
+        str(path.relative_to(tmp_path)): path.stat().st_mode & 0o777
+        for path in (tmp_path / "out").rglob("*")
+        if path.is_file() and "logs" not in path.parts
+    }
+    assert "out/model.safetensors" in modes and "out/checkpoint-1/model.safetensors" in modes
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}
