@@ -44,7 +44,8 @@ gradient_accumulation_steps images):
 The quantizer assigns codes by Sinkhorn over the global batch: its marginals are summed over all processes.
 
 Outputs in --output_dir: the tokenizer (`OptVQModel.from_pretrained(output_dir)`, with its image processor), `ema/`
-(with --use_ema), `checkpoint-<step>/` (resumable state), `samples/reconstruction-<step>.png` (originals above,
+(with --use_ema), `checkpoint-<step>/` (resumable state, and a model folder: `OptVQModel.from_pretrained` and
+`examples/evaluate.py --model` open it), `samples/reconstruction-<step>.png` (originals above,
 reconstructions below), `reconstruction.png`, `report.json` / `report.md` (validation PSNR, L1, codebook usage and
 perplexity per head), `training_config.yaml` and `logs/` (tensorboard).
 """
@@ -401,6 +402,25 @@ def write_report(output_dir: Path, report: dict) -> None:
     (output_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def model_files_hook(accelerator: Accelerator, processor: OptVQImageProcessor):
+    """A `save_state` pre-hook that makes every checkpoint folder a model folder: `save_state` writes the
+    tokenizer's weights as `model.safetensors` (its first prepared model, the keys of `state_dict()`); the hook adds
+    `config.json` and `preprocessor_config.json` next to them, so `OptVQModel.from_pretrained("checkpoint-<step>")`
+    and `examples/evaluate.py --model checkpoint-<step>` open it. Loading needs no hook: `load_state` reads the same
+    weights file."""
+
+    def hook(models, weights, output_dir):
+        if not accelerator.is_main_process:
+            return
+        tokenizers = [m for m in map(accelerator.unwrap_model, models) if isinstance(m, OptVQModel)]
+        if tokenizers:
+            os.makedirs(output_dir, exist_ok=True)
+            tokenizers[0].config.save_pretrained(output_dir)
+            processor.save_pretrained(output_dir)
+
+    return hook
+
+
 # Fields whose effect the restored optimizer / scheduler / data state fixes: changing them on resume would be printed
 # and recorded in training_config.yaml but not applied, so a resume with other values is refused.
 RESTORED_FIELDS = (
@@ -593,6 +613,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         ema = EMAModel(unwrapped.parameters(), decay=config.ema_decay)
     accelerator.register_for_checkpointing(scheduler, disc_scheduler, *([ema] if ema is not None else []))
+    accelerator.register_save_state_pre_hook(model_files_hook(accelerator, processor))
     global_step = 0
     if checkpoint is not None:
         accelerator.print(f"Resuming from {checkpoint}")

@@ -576,3 +576,43 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     }
     assert "out/model.safetensors" in modes and "out/checkpoint-1/model.safetensors" in modes
     assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}
+
+
+# ------------------------------------------------------------------------------------- checkpoints are model folders
+def test_every_checkpoint_opens_as_a_model_and_evaluates(tmp_path):
+    from optvq_hf import OptVQImageProcessor
+
+    config = write_config(tmp_path / "c.yaml", max_train_steps=2, checkpointing_steps=1)
+    out = tmp_path / "out"
+    run(config, out)
+    first = OptVQModel.from_pretrained(out / "checkpoint-1")
+    last = OptVQModel.from_pretrained(out / "checkpoint-2")
+    assert first.config.num_codes == 16 and first.config.backbone == "simple_cnn"
+    assert_same(last.state_dict(), final_weights(out))  # the last checkpoint holds the final weights
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), last.state_dict().values()))
+    processor = OptVQImageProcessor.from_pretrained(out / "checkpoint-1")
+    assert processor.to_dict() == OptVQImageProcessor.from_pretrained(out).to_dict()
+    # examples/evaluate.py takes a checkpoint folder as --model
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        PIL.Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(images / f"{i}.png")
+    AcceleratorState._reset_state(True)
+    results = load_example("evaluate").main(
+        [
+            "--model",
+            str(out / "checkpoint-2"),
+            "--data_dir",
+            str(images),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--metrics",
+            "psnr_rgb,usage",
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+        ]
+    )
+    assert set(results) == {"psnr_rgb", "usage"} and results["psnr_rgb"] > 0
