@@ -87,7 +87,7 @@ from optvq_hf.training.data import (
     load_image_splits,
     shard_stream,
 )
-from optvq_hf.training.launch import check_process_group
+from optvq_hf.training.launch import StopRequest, check_process_group, stop_with_launcher
 from optvq_hf.training.losses import OptVQLoss, OptVQLossConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny.yaml"
@@ -659,6 +659,8 @@ def main(argv: list[str] | None = None) -> dict:
     first_logs: dict[str, float] = {}
     last_logs: dict[str, float] = {}
 
+    stop = StopRequest()
+    stop_with_launcher()
     while global_step < max_train_steps:
         # 1. autoencoder: accumulate the gradients of the global batch, then one update
         micro_batches, reconstructions = [], []
@@ -725,11 +727,22 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.print(
                 f"step {global_step}: validation PSNR {results['psnr']:.2f} dB, codebook usage {results['usage']:.3f}"
             )
-        if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps:
+        stopping = stop.requested(accelerator)
+        if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps or stopping:
             state = {"global_step": global_step, "num_processes": world, "config": _plain(asdict(config))}
-            save_checkpoint(accelerator, output_dir, global_step, state, {"data": train_batches.state_dict()})
+            saved = save_checkpoint(accelerator, output_dir, global_step, state, {"data": train_batches.state_dict()})
             if accelerator.is_main_process:
                 prune_checkpoints(output_dir, config.checkpoints_total_limit)
+        if stopping:
+            progress.close()
+            accelerator.print(
+                f"Stopped by a signal after step {global_step} of {max_train_steps}: the complete checkpoint {saved} "
+                f"was written. Continue with the same command plus --resume_from_checkpoint latest"
+            )
+            stop.restore()
+            accelerator.end_training()
+            raise SystemExit(stop.exit_code)
+    stop.restore()
     progress.close()
     train_time = time.perf_counter() - train_start
 

@@ -616,3 +616,61 @@ def test_every_checkpoint_opens_as_a_model_and_evaluates(tmp_path):
         ]
     )
     assert set(results) == {"psnr_rgb", "usage"} and results["psnr_rgb"] > 0
+
+
+# -------------------------------------------------------------------------------------------------------- preemption
+def test_sigterm_checkpoints_the_step_and_resume_continues_exactly(tmp_path, monkeypatch):
+    import signal
+
+    config = write_config(tmp_path / "c.yaml", max_train_steps=5, checkpointing_steps=100, loss={"disc_start": 1})
+    reference = tmp_path / "uninterrupted"
+    run(config, reference)
+
+    real_log = Accelerator.log
+
+    def preempt_at_step_2(self, values, step=None, **kwargs):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step finishes first
+        return real_log(self, values, step=step, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "log", preempt_at_step_2)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as stopped:
+        run(config, interrupted)
+    monkeypatch.setattr(Accelerator, "log", real_log)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert find_latest_checkpoint(interrupted) == str(interrupted / "checkpoint-2")
+    assert not (interrupted / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    report = run(config, interrupted, "--resume_from_checkpoint", "latest")
+    assert report["steps_this_run"] == 3
+    assert_same(final_weights(interrupted), final_weights(reference))
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_training_subprocess(tmp_path):
+    """A real signal to a real process: it finishes its step, checkpoints, says so and exits with 128 + SIGTERM."""
+    import signal
+    import time
+
+    config = write_config(tmp_path / "c.yaml", max_train_steps=100000, checkpointing_steps=100000)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(EXAMPLE.parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), "--config", str(config), "--output_dir", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "training_config.yaml").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "Stopped by a signal after step" in output and "--resume_from_checkpoint latest" in output
+    step = int(output.split("Stopped by a signal after step ")[1].split()[0])
+    assert find_latest_checkpoint(out) == str(out / f"checkpoint-{step}")
+    assert OptVQModel.from_pretrained(out / f"checkpoint-{step}").config.num_codes == 16
