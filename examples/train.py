@@ -126,6 +126,11 @@ class TrainingConfig:
     image_check_count: int = option(64, "images of each split decoded before training (-1: all)")
     cache_dir: str | None = option(None)
     # -- model and objective
+    pretrained_model_name_or_path: str | None = option(
+        None,
+        "start from these weights and their config: a Hub id or a folder (a converted checkpoint, an earlier run's "
+        "output_dir or checkpoint-<step>, an ema/ folder); model fields may only change training-time settings",
+    )
     model: dict = option({}, "OptVQConfig fields")
     loss: dict = option({}, "OptVQLossConfig fields")
     # -- optimisation
@@ -215,10 +220,83 @@ class TrainingConfig:
             raise ValueError("a streamed dataset has no known length: set max_train_steps")
 
     def model_config(self) -> OptVQConfig:
-        return OptVQConfig(**self.model)
+        if self.pretrained_model_name_or_path is None:
+            return OptVQConfig(**self.model)
+        return pretrained_model_config(self.pretrained_model_name_or_path, self.model)
 
     def loss_config(self) -> OptVQLossConfig:
         return OptVQLossConfig(**self.loss)
+
+
+LOSS_WEIGHTS_FILE = "loss_weights.safetensors"  # written by `python -m optvq_hf.conversion ... --save_loss_weights`
+
+
+def load_loss_weights(loss_fn: OptVQLoss, name_or_path: str, accelerator: Accelerator) -> bool:
+    """The discriminator of a converted model's `loss_weights.safetensors` (original names `loss.discriminator.*`),
+    so that a fine-tuning run has its GAN term from step 0; returns whether the file was found. The LPIPS network
+    keeps the weights `OptVQLoss` loads itself (the same published VGG/LPIPS weights)."""
+    from safetensors.torch import load_file
+
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, LOSS_WEIGHTS_FILE)
+        if not os.path.isfile(path):
+            return False
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
+
+        try:
+            path = hf_hub_download(name_or_path, LOSS_WEIGHTS_FILE)
+        except EntryNotFoundError:
+            return False
+    prefix = "loss.discriminator."
+    weights = {k[len(prefix) :]: v for k, v in load_file(path).items() if k.startswith(prefix)}
+    if not weights:
+        return False
+    try:
+        loss_fn.discriminator.load_state_dict(weights)
+    except RuntimeError as error:
+        raise ValueError(
+            f"the discriminator of {path} does not fit loss.disc_base_channels / loss.disc_num_layers of this run; "
+            f"set them to the converted model's values ({error})"
+        ) from error
+    accelerator.print(f"Discriminator weights from {path}")
+    return True
+
+
+# OptVQConfig fields that change how a model trains or assigns codes, not its weights: a fine-tuning run may set them.
+TRAINING_TIME_FIELDS = (
+    "inference_assignment",
+    "sinkhorn_epsilon",
+    "sinkhorn_iterations",
+    "sinkhorn_chunk_size",
+    "cost_normalization",
+    "commitment_beta",
+    "dropout",
+    "initializer_range",
+)
+
+
+def pretrained_model_config(name_or_path: str, overrides: dict) -> OptVQConfig:
+    """The config of a pretrained model with the training-time fields of `overrides`; an architecture field of
+    `overrides` that differs from the pretrained value is a `ValueError` naming both."""
+    pretrained = OptVQConfig.from_pretrained(name_or_path)
+    values = pretrained.to_dict()
+    for name, value in overrides.items():
+        if name not in values:
+            OptVQConfig(**{name: value})  # an unknown field: OptVQConfig's own error
+        current = values[name]
+        same = list(current) == list(value) if isinstance(current, (list, tuple)) else current == value
+        if name in TRAINING_TIME_FIELDS:
+            values[name] = value
+        elif not same:
+            raise ValueError(
+                f"model.{name}={value!r} contradicts the pretrained model {name_or_path} ({name}={current!r}): "
+                f"drop it to fine-tune that architecture (only {', '.join(TRAINING_TIME_FIELDS)} may change)"
+            )
+    for key in ("architectures", "transformers_version", "_name_or_path", "model_type", "auto_map"):
+        values.pop(key, None)
+    return OptVQConfig(**{k: v for k, v in values.items() if not k.startswith("_")})
 
 
 SECTIONS = {"model": OptVQConfig, "loss": OptVQLossConfig}  # nested sections of the YAML file
@@ -582,7 +660,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- model, objective, optimizers
     model = OptVQModel(model_config)
+    if config.pretrained_model_name_or_path is not None:
+        pretrained = OptVQModel.from_pretrained(config.pretrained_model_name_or_path)
+        model.load_state_dict(pretrained.state_dict())
+        del pretrained
     loss_fn = OptVQLoss(loss_config)
+    if config.pretrained_model_name_or_path is not None:
+        load_loss_weights(loss_fn, config.pretrained_model_name_or_path, accelerator)
     if config.sync_batchnorm and world > 1 and accelerator.device.type == "cuda":
         loss_fn = torch.nn.SyncBatchNorm.convert_sync_batchnorm(loss_fn)  # as the original under data parallelism
     lr = config.learning_rate * (global_batch if config.scale_lr else 1)

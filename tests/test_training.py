@@ -674,3 +674,86 @@ def test_sigterm_to_a_training_subprocess(tmp_path):
     step = int(output.split("Stopped by a signal after step ")[1].split()[0])
     assert find_latest_checkpoint(out) == str(out / f"checkpoint-{step}")
     assert OptVQModel.from_pretrained(out / f"checkpoint-{step}").config.num_codes == 16
+
+
+# ------------------------------------------------------------------------------------------------------- fine-tuning
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "official-tiny"
+
+
+@pytest.fixture(scope="module")
+def converted_fixture(tmp_path_factory):
+    from optvq_hf.conversion.convert import convert
+
+    output = tmp_path_factory.mktemp("converted") / "model"
+    convert(
+        FIXTURE / "training_checkpoint.pth",
+        output,
+        original_config=str(FIXTURE / "original_config.yaml"),
+        save_loss_weights=True,
+        log=lambda message: None,
+    )
+    return output
+
+
+def finetune_config(tmp_path, **fields):
+    """A config without a model section: the architecture comes from the pretrained model."""
+    content = {**BASE, "train_data_dir": str(save_png_folder(tmp_path / "data", 12)), "dataset_name": None}
+    content.update(num_validation_images=4, validation_batch_size=4, max_train_steps=1)
+    content["loss"] = {"disc_num_layers": 3, "perceptual_weight": 0.0, "disc_start": 0}
+    content.update(fields)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(content))
+    return tmp_path / "ft.yaml"
+
+
+def test_finetuning_starts_from_the_pretrained_weights_and_loss_networks(tmp_path, monkeypatch, converted_fixture):
+    from safetensors.torch import load_file as load
+
+    disc_weights = {
+        k.removeprefix("loss.discriminator."): v
+        for k, v in load(converted_fixture / "loss_weights.safetensors").items()
+        if k.startswith("loss.discriminator.")
+    }
+    base_channels = disc_weights["main.0.weight"].shape[0]
+    config = finetune_config(tmp_path)
+    seen = {}
+    real_generator_loss = OptVQLoss.generator_loss
+
+    def record(self, pixel_values, reconstruction, *args, **kwargs):
+        if not seen:
+            seen["pixel_values"], seen["reconstruction"] = pixel_values.clone(), reconstruction.detach().clone()
+            seen["discriminator"] = {k: v.clone() for k, v in self.discriminator.state_dict().items()}
+        return real_generator_loss(self, pixel_values, reconstruction, *args, **kwargs)
+
+    monkeypatch.setattr(OptVQLoss, "generator_loss", record)
+    run(
+        config,
+        tmp_path / "out",
+        "--pretrained_model_name_or_path",
+        str(converted_fixture),
+        "--loss.disc_base_channels",
+        str(base_channels),
+        "--model.inference_assignment",
+        "sinkhorn",  # a training-time field may change
+    )
+    pretrained = OptVQModel.from_pretrained(converted_fixture).train()
+    expected = pretrained(seen["pixel_values"]).reconstruction.detach()  # with autograd, as in the training step
+    # Float rounding of a differently scheduled forward (~5e-6); other weights would differ by ~0.1.
+    torch.testing.assert_close(seen["reconstruction"], expected, rtol=0, atol=2e-5)
+    assert_same(seen["discriminator"], {k: v for k, v in disc_weights.items()})
+    saved = OptVQConfig.from_pretrained(tmp_path / "out")
+    assert saved.inference_assignment == "sinkhorn" and saved.num_codes == pretrained.config.num_codes
+
+
+def test_finetuning_refuses_contradicting_architecture_fields(tmp_path, converted_fixture):
+    num_codes = OptVQConfig.from_pretrained(converted_fixture).num_codes
+    with pytest.raises(
+        ValueError, match=f"model.num_codes=5 contradicts the pretrained model .*num_codes={num_codes}"
+    ):
+        run(
+            finetune_config(tmp_path),
+            tmp_path / "out",
+            "--pretrained_model_name_or_path",
+            str(converted_fixture),
+            "--model.num_codes",
+            "5",
+        )
