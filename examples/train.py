@@ -78,6 +78,7 @@ from optvq_hf.training.checkpointing import (
 from optvq_hf.training.cli import parse_options
 from optvq_hf.training.codebook_init import kmeans_init_codebook
 from optvq_hf.training.data import (
+    ImageList,
     RandomCropTransform,
     StreamingTrainBatches,
     TrainBatches,
@@ -157,6 +158,8 @@ class TrainingConfig:
     kmeans_init_batches: int = option(8)
     kmeans_iterations: int = option(20)
     sync_batchnorm: bool = option(True, "discriminator SyncBatchNorm on several GPUs")
+    allow_tf32: bool = option(False, "TF32 matmuls and convolutions on Ampere+ GPUs (faster, ~1e-3 relative error)")
+    max_train_samples: int | None = option(None, "train on the first N images only (quick trials, debugging)")
     # -- outputs
     output_dir: str = option("optvq-output")
     checkpointing_steps: int = option(500)
@@ -168,7 +171,12 @@ class TrainingConfig:
     image_logging_steps: int = option(500, "steps between reconstruction grids")
     validation_steps: int | None = option(None, "steps between validations (always at the end)")
     validation_batch_size: int | None = option(None, "default: train_batch_size")
-    num_grid_images: int = option(8)
+    num_grid_images: int = option(8, "images of the reconstruction grids (PNG files and tracker images)")
+    push_to_hub: bool = option(False, "upload the final model, its processor and a model card to the Hub")
+    hub_model_id: str | None = option(None, "the Hub repo to push to (default: the name of output_dir)")
+    hub_token: str | None = option(None, "a Hub token (default: the logged-in one)")
+    hub_private: bool | None = option(None, "create the repo private")
+    hub_dry_run: bool = option(False, "with push_to_hub: write the card and list the files, upload nothing")
 
     def __post_init__(self) -> None:
         positive = (
@@ -187,7 +195,13 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train_steps", "validation_steps", "validation_batch_size", "checkpoints_total_limit"):
+        for name in (
+            "max_train_steps",
+            "max_train_samples",
+            "validation_steps",
+            "validation_batch_size",
+            "checkpoints_total_limit",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or null, got {getattr(self, name)}")
         for name in ("learning_rate", "adam_epsilon"):
@@ -429,6 +443,61 @@ def reconstruction_grid(model: OptVQModel, images: torch.Tensor) -> PIL.Image.Im
     return PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
+def log_grid(accelerator: Accelerator, grid: PIL.Image.Image, step: int) -> None:
+    """The reconstruction grid as an image of every tracker (tensorboard: an image summary; wandb: a wandb.Image)."""
+    import numpy as np
+
+    array = np.asarray(grid.convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("reconstructions", array, global_step=step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log(
+                {"reconstructions": wandb.Image(grid, caption="originals above, reconstructions below")}, step=step
+            )
+
+
+def push_model(config: TrainingConfig, output_dir: Path, model: OptVQModel, report: dict):
+    """A model card (`optvq_hf.hub.render_model_card`) as README.md, then the folder to the Hub (without
+    checkpoints and logs); `hub_dry_run` lists the files instead of uploading them."""
+    from optvq_hf.hub import DEFAULT_UPLOAD_IGNORE, Evaluation, push_folder_to_hub, render_model_card
+
+    repo_id = config.hub_model_id or output_dir.resolve().name
+    results = report["validation"]["model"]
+    base = config.pretrained_model_name_or_path
+    card = render_model_card(
+        model.config,
+        repo_id=repo_id,
+        summary=f"An OptVQ image tokenizer trained with examples/train.py on {report['dataset']}.",
+        evaluation=Evaluation(
+            metrics={name: results[name] for name in ("psnr", "psnr_rgb", "usage", "perplexity")},
+            dataset=report["dataset"],
+            num_images=report["num_validation_images"],
+            is_hub_dataset=False,
+        ),
+        training_details={
+            "steps": report["global_step"],
+            "global batch size": report["global_batch_size"],
+            "learning rate": config.learning_rate,
+            "processes": report["num_processes"],
+            **({"fine-tuned from": base} if base else {}),
+        },
+        num_parameters=report["num_parameters"],
+        base_model=base if base and not os.path.isdir(base) else None,
+    )
+    card.save(output_dir / "README.md")
+    return push_folder_to_hub(
+        output_dir,
+        repo_id,
+        dry_run=config.hub_dry_run,
+        private=config.hub_private,
+        token=config.hub_token,
+        ignore_patterns=(*DEFAULT_UPLOAD_IGNORE, "samples/*", ".tmp*"),
+    )
+
+
 def check_trackers(report_to: str) -> None:
     """A `ValueError` naming the package to install when a requested tracker is missing."""
     from accelerate.utils import is_tensorboard_available, is_wandb_available
@@ -595,6 +664,9 @@ def main(argv: list[str] | None = None) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     check_process_group(accelerator.num_processes)
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     set_seed(config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -612,6 +684,14 @@ def main(argv: list[str] | None = None) -> dict:
             config.seed,
             config.cache_dir,
         )
+    if config.max_train_samples is not None:
+        if splits.streaming:
+            splits.train = splits.train.take(config.max_train_samples)
+        else:
+            kept = range(min(config.max_train_samples, len(splits.train)))
+            images = splits.train.images
+            images = images.select(kept) if hasattr(images, "select") else [images[i] for i in kept]
+            splits.train = ImageList(images, splits.train.image_column, splits.train.name)
     check_images(splits.validation, config.image_check_count)
     processor = OptVQImageProcessor.from_model_config(model_config)
     transform = RandomCropTransform(
@@ -805,6 +885,7 @@ def main(argv: list[str] | None = None) -> dict:
         if global_step % config.image_logging_steps == 0 and accelerator.is_main_process:
             grid = reconstruction_grid(unwrapped, grid_images)
             grid.save(output_dir / "samples" / f"reconstruction-{global_step}.png")
+            log_grid(accelerator, grid, global_step)
         if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_train_steps:
             results = validate(unwrapped, validation_loader, accelerator)
             accelerator.log({f"validation_{k}": v for k, v in results.items()}, step=global_step)
@@ -862,6 +943,8 @@ def main(argv: list[str] | None = None) -> dict:
         reconstruction_grid(unwrapped, grid_images).save(output_dir / "reconstruction.png")
         write_report(output_dir, report)
         accelerator.print((output_dir / "report.md").read_text())
+        if config.push_to_hub:
+            push_model(config, output_dir, unwrapped, report)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return report

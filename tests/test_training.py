@@ -757,3 +757,35 @@ def test_finetuning_refuses_contradicting_architecture_fields(tmp_path, converte
             "--model.num_codes",
             "5",
         )
+
+
+#----------------------------------------------------------------------------------------- the flags of diffusers' kit
+def test_diffusers_style_flags_and_a_dry_run_push(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", max_train_steps=2, image_logging_steps=1, report_to="tensorboard")
+    report = run(
+        config,
+        tmp_path / "out",
+        "--allow_tf32",
+        "true",
+        "--max_train_samples",
+        "12",
+        "--push_to_hub",
+        "true",
+        "--hub_model_id",
+        "someone/optvq-digits",
+        "--hub_dry_run",
+        "true",
+    )
+    out = tmp_path / "out"
+    assert report["dataset"].startswith("scikit-learn digits")
+    card = (out / "README.md").read_text()
+    assert "someone/optvq-digits" in card and f"| {report['validation']['model']['psnr']:.3f} |" in card
+    printed = capsys.readouterr().out
+    assert "model.safetensors" in printed and "checkpoint-2" not in printed.split("someone/optvq-digits", 1)[1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    images = events.Images("reconstructions")
+    assert [image.step for image in images] == [1, 2]
+    assert PIL.Image.open(__import__("io").BytesIO(images[0].encoded_image_string)).size == (2 * 16, 2 * 16)
