@@ -512,6 +512,35 @@ def check_trackers(report_to: str) -> None:
         )
 
 
+CURVES_FILENAME = "training_curves.png"
+
+
+def plot_curves(path: Path, history: dict[str, list[tuple[int, float]]]) -> bool:
+    """Training loss, codebook usage (training window) and validation PSNR against steps, one panel each, as a PNG;
+    False (and no file) without matplotlib (`pip install optvq-hf[demo]`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: files only
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = (("loss", "training loss"), ("usage", "codebook usage (training)"), ("psnr", "validation PSNR (dB, Y)"))
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for axis, (key, title) in zip(axes, panels):
+        points = history.get(key, [])
+        if points:
+            steps, values = zip(*points)
+            axis.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
 def write_report(output_dir: Path, report: dict) -> None:
     """report.json (everything) and report.md (the numbers people read)."""
     with open(output_dir / "report.json", "w") as handle:
@@ -533,6 +562,8 @@ def write_report(output_dir: Path, report: dict) -> None:
             f"| {name} | {results['psnr']:.2f} | {results['psnr_rgb']:.2f} | {results['l1']:.4f} | "
             f"{results['usage']:.3f} | {results['perplexity']:.1f} |"
         )
+    if report.get("curves"):
+        lines += ["", f"![training loss, codebook usage and validation PSNR against steps]({report['curves']})"]
     lines += ["", "Per head (model weights):", "", "| head | usage | perplexity |", "|---|---|---|"]
     model_results = report["validation"]["model"]
     for head in range(report["num_heads"]):
@@ -821,6 +852,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = iter(train_batches)
     start_step, window_start, train_start = global_step, time.perf_counter(), time.perf_counter()
     first_logs: dict[str, float] = {}
+    history: dict[str, list[tuple[int, float]]] = {"loss": [], "usage": [], "psnr": []}  # this run's curves
     last_logs: dict[str, float] = {}
 
     stop = StopRequest()
@@ -877,6 +909,8 @@ def main(argv: list[str] | None = None) -> dict:
             logs.update({f"train_{k}": v for k, v in usage.items()})
             logs["images_per_second"] = steps_in_window * global_batch / max(elapsed, 1e-9)
             window_start = time.perf_counter()
+            history["loss"].append((global_step, float(logs["loss"])))  # once per logging window, not per step
+            history["usage"].append((global_step, usage["usage"]))
             progress.set_postfix(
                 loss=f"{logs['loss']:.4f}", usage=f"{usage['usage']:.2f}", img_s=f"{logs['images_per_second']:.1f}"
             )
@@ -889,6 +923,7 @@ def main(argv: list[str] | None = None) -> dict:
         if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_train_steps:
             results = validate(unwrapped, validation_loader, accelerator)
             accelerator.log({f"validation_{k}": v for k, v in results.items()}, step=global_step)
+            history["psnr"].append((global_step, results["psnr"]))
             accelerator.print(
                 f"step {global_step}: validation PSNR {results['psnr']:.2f} dB, codebook usage {results['usage']:.3f}"
             )
@@ -933,6 +968,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_heads": model_config.num_heads,
         "num_codes": model_config.num_codes,
         "validation": validation,
+        "history": history,
         "first_train_logs": first_logs,
         "last_train_logs": last_logs,
     }
@@ -941,6 +977,9 @@ def main(argv: list[str] | None = None) -> dict:
         if ema_model is not None:
             save_model_atomically(output_dir / "ema", ema_model, processor)
         reconstruction_grid(unwrapped, grid_images).save(output_dir / "reconstruction.png")
+        history["psnr"].append((global_step, validation["model"]["psnr"]))
+        if plot_curves(output_dir / CURVES_FILENAME, history):
+            report["curves"] = CURVES_FILENAME
         write_report(output_dir, report)
         accelerator.print((output_dir / "report.md").read_text())
         if config.push_to_hub:

@@ -759,7 +759,7 @@ def test_finetuning_refuses_contradicting_architecture_fields(tmp_path, converte
         )
 
 
-#----------------------------------------------------------------------------------------- the flags of diffusers' kit
+# ----------------------------------------------------------------------------------------- the flags of diffusers' kit
 def test_diffusers_style_flags_and_a_dry_run_push(tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", max_train_steps=2, image_logging_steps=1, report_to="tensorboard")
     report = run(
@@ -789,3 +789,17 @@ def test_diffusers_style_flags_and_a_dry_run_push(tmp_path, capsys):
     images = events.Images("reconstructions")
     assert [image.step for image in images] == [1, 2]
     assert PIL.Image.open(__import__("io").BytesIO(images[0].encoded_image_string)).size == (2 * 16, 2 * 16)
+
+
+def test_report_links_a_plot_of_the_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    config = write_config(tmp_path / "c.yaml", max_train_steps=4, logging_steps=2, validation_steps=2)
+    report = run(config, tmp_path / "out")
+    assert [step for step, _ in report["history"]["loss"]] == [2, 4]
+    assert [step for step, _ in report["history"]["usage"]] == [2, 4]
+    assert [step for step, _ in report["history"]["psnr"]] == [2, 4]
+    assert report["history"]["psnr"][-1][1] == report["validation"]["model"]["psnr"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "](training_curves.png)" in markdown
+    with PIL.Image.open(tmp_path / "out" / "training_curves.png") as image:
+        assert image.size == (1300, 360)
