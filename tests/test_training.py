@@ -803,3 +803,11 @@ def test_report_links_a_plot_of_the_curves(tmp_path):
     assert "](training_curves.png)" in markdown
     with PIL.Image.open(tmp_path / "out" / "training_curves.png") as image:
         assert image.size == (1300, 360)
+
+
+def test_every_option_has_help_text():
+    from dataclasses import fields
+
+    for cls in (train.TrainingConfig, OptVQLossConfig):
+        missing = [f.name for f in fields(cls) if not f.metadata.get("help")]
+        assert missing == [], f"{cls.__name__} fields without help: {missing}"
