@@ -633,10 +633,12 @@ def check_resume_overrides(saved: dict, current: dict, checkpoint: str) -> None:
     size and data order in the restored sampler)."""
     if not saved:
         return
+    # A constant learning rate does not depend on the run's length: such a run may be extended.
+    extendable = ("max_train_steps", "num_train_epochs") if current.get("lr_scheduler") == "constant" else ()
     changed = [
         f"{name}: {saved[name]!r} in the checkpoint, {_plain(current[name])!r} now"
         for name in RESTORED_FIELDS
-        if name in saved and saved[name] != _plain(current[name])
+        if name in saved and name not in extendable and saved[name] != _plain(current[name])
     ]
     if changed:
         raise ValueError(
@@ -857,92 +859,96 @@ def main(argv: list[str] | None = None) -> dict:
 
     stop = StopRequest()
     stop_with_launcher()
-    while global_step < max_train_steps:
-        # 1. autoencoder: accumulate the gradients of the global batch, then one update
-        micro_batches, reconstructions = [], []
-        for micro in range(config.gradient_accumulation_steps):
-            pixel_values = next(batches).to(accelerator.device, non_blocking=True)
-            last = micro == config.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
-                output = model(pixel_values)
-                loss, logs = loss_module.generator_loss(
-                    pixel_values,
-                    output.reconstruction,
-                    output.quantizer_loss,
-                    global_step,
-                    last_layer=unwrapped.get_last_layer(),
-                )
-            accelerator.backward(loss / config.gradient_accumulation_steps)
-            counter.add(output.indices)
-            micro_batches.append(pixel_values)
-            reconstructions.append(output.reconstruction.detach())
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(unwrapped.parameters())
-
-        # 2. discriminator, on the same images and their reconstructions (its learning rate moves when it trains)
-        if loss_module.discriminator_trains(global_step):
-            for micro, (pixel_values, reconstruction) in enumerate(zip(micro_batches, reconstructions)):
+    try:
+        while global_step < max_train_steps:
+            # 1. autoencoder: accumulate the gradients of the global batch, then one update
+            micro_batches, reconstructions = [], []
+            for micro in range(config.gradient_accumulation_steps):
+                pixel_values = next(batches).to(accelerator.device, non_blocking=True)
                 last = micro == config.gradient_accumulation_steps - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(loss_ddp), accelerator.autocast():
-                    disc_loss, disc_logs = loss_ddp("discriminator", pixel_values, reconstruction, global_step)
-                accelerator.backward(disc_loss / config.gradient_accumulation_steps)
+                with contextlib.nullcontext() if last else accelerator.no_sync(model), accelerator.autocast():
+                    output = model(pixel_values)
+                    loss, logs = loss_module.generator_loss(
+                        pixel_values,
+                        output.reconstruction,
+                        output.quantizer_loss,
+                        global_step,
+                        last_layer=unwrapped.get_last_layer(),
+                    )
+                accelerator.backward(loss / config.gradient_accumulation_steps)
+                counter.add(output.indices)
+                micro_batches.append(pixel_values)
+                reconstructions.append(output.reconstruction.detach())
             if config.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(loss_ddp.parameters(), config.max_grad_norm)
-            disc_optimizer.step()
-            disc_scheduler.step()
-            disc_optimizer.zero_grad(set_to_none=True)
-            logs.update(disc_logs)
-        global_step += 1
-        progress.update(1)
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(unwrapped.parameters())
 
-        # 3. logs, pictures, validation, checkpoints
-        logs["lr"] = scheduler.get_last_lr()[0]
-        if global_step % config.logging_steps == 0 or global_step == max_train_steps:
-            usage = counter.summary(accelerator)  # a collective: every process calls it
-            elapsed = time.perf_counter() - window_start
-            steps_in_window = (global_step - start_step) % config.logging_steps or config.logging_steps
-            logs.update({f"train_{k}": v for k, v in usage.items()})
-            logs["images_per_second"] = steps_in_window * global_batch / max(elapsed, 1e-9)
-            window_start = time.perf_counter()
-            history["loss"].append((global_step, float(logs["loss"])))  # once per logging window, not per step
-            history["usage"].append((global_step, usage["usage"]))
-            progress.set_postfix(
-                loss=f"{logs['loss']:.4f}", usage=f"{usage['usage']:.2f}", img_s=f"{logs['images_per_second']:.1f}"
-            )
-        accelerator.log(logs, step=global_step)
-        first_logs, last_logs = first_logs or logs, logs
-        if global_step % config.image_logging_steps == 0 and accelerator.is_main_process:
-            grid = reconstruction_grid(unwrapped, grid_images)
-            grid.save(output_dir / "samples" / f"reconstruction-{global_step}.png")
-            log_grid(accelerator, grid, global_step)
-        if config.validation_steps and global_step % config.validation_steps == 0 and global_step < max_train_steps:
-            results = validate(unwrapped, validation_loader, accelerator)
-            accelerator.log({f"validation_{k}": v for k, v in results.items()}, step=global_step)
-            history["psnr"].append((global_step, results["psnr"]))
-            accelerator.print(
-                f"step {global_step}: validation PSNR {results['psnr']:.2f} dB, codebook usage {results['usage']:.3f}"
-            )
-        stopping = stop.requested(accelerator)
-        if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps or stopping:
-            state = {"global_step": global_step, "num_processes": world, "config": _plain(asdict(config))}
-            saved = save_checkpoint(accelerator, output_dir, global_step, state, {"data": train_batches.state_dict()})
-            if accelerator.is_main_process:
-                prune_checkpoints(output_dir, config.checkpoints_total_limit)
-        if stopping:
-            progress.close()
-            accelerator.print(
-                f"Stopped by a signal after step {global_step} of {max_train_steps}: the complete checkpoint {saved} "
-                f"was written. Continue with the same command plus --resume_from_checkpoint latest"
-            )
-            stop.restore()
-            accelerator.end_training()
-            raise SystemExit(stop.exit_code)
-    stop.restore()
+            # 2. discriminator, on the same images and their reconstructions (its learning rate moves when it trains)
+            if loss_module.discriminator_trains(global_step):
+                for micro, (pixel_values, reconstruction) in enumerate(zip(micro_batches, reconstructions)):
+                    last = micro == config.gradient_accumulation_steps - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(loss_ddp), accelerator.autocast():
+                        disc_loss, disc_logs = loss_ddp("discriminator", pixel_values, reconstruction, global_step)
+                    accelerator.backward(disc_loss / config.gradient_accumulation_steps)
+                if config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(loss_ddp.parameters(), config.max_grad_norm)
+                disc_optimizer.step()
+                disc_scheduler.step()
+                disc_optimizer.zero_grad(set_to_none=True)
+                logs.update(disc_logs)
+            global_step += 1
+            progress.update(1)
+
+            # 3. logs, pictures, validation, checkpoints
+            logs["lr"] = scheduler.get_last_lr()[0]
+            if global_step % config.logging_steps == 0 or global_step == max_train_steps:
+                usage = counter.summary(accelerator)  # a collective: every process calls it
+                elapsed = time.perf_counter() - window_start
+                steps_in_window = (global_step - start_step) % config.logging_steps or config.logging_steps
+                logs.update({f"train_{k}": v for k, v in usage.items()})
+                logs["images_per_second"] = steps_in_window * global_batch / max(elapsed, 1e-9)
+                window_start = time.perf_counter()
+                history["loss"].append((global_step, float(logs["loss"])))  # once per logging window, not per step
+                history["usage"].append((global_step, usage["usage"]))
+                progress.set_postfix(
+                    loss=f"{logs['loss']:.4f}", usage=f"{usage['usage']:.2f}", img_s=f"{logs['images_per_second']:.1f}"
+                )
+            accelerator.log(logs, step=global_step)
+            first_logs, last_logs = first_logs or logs, logs
+            if global_step % config.image_logging_steps == 0 and accelerator.is_main_process:
+                grid = reconstruction_grid(unwrapped, grid_images)
+                grid.save(output_dir / "samples" / f"reconstruction-{global_step}.png")
+                log_grid(accelerator, grid, global_step)
+            validating = config.validation_steps and global_step % config.validation_steps == 0
+            if validating and global_step < max_train_steps:
+                results = validate(unwrapped, validation_loader, accelerator)
+                accelerator.log({f"validation_{k}": v for k, v in results.items()}, step=global_step)
+                history["psnr"].append((global_step, results["psnr"]))
+                accelerator.print(
+                    f"step {global_step}: validation PSNR {results['psnr']:.2f} dB, "
+                    f"codebook usage {results['usage']:.3f}"
+                )
+            stopping = stop.requested(accelerator)
+            if global_step % config.checkpointing_steps == 0 or global_step == max_train_steps or stopping:
+                state = {"global_step": global_step, "num_processes": world, "config": _plain(asdict(config))}
+                data_state = {"data": train_batches.state_dict()}
+                saved = save_checkpoint(accelerator, output_dir, global_step, state, data_state)
+                if accelerator.is_main_process:
+                    prune_checkpoints(output_dir, config.checkpoints_total_limit)
+            if stopping:
+                progress.close()
+                accelerator.print(
+                    f"Stopped by a signal after step {global_step} of {max_train_steps}: the complete checkpoint "
+                    f"{saved} was written. Continue with the same command plus --resume_from_checkpoint latest"
+                )
+                accelerator.end_training()
+                raise SystemExit(stop.exit_code)
+    finally:  # the handlers go back also when a step raises
+        stop.restore()
     progress.close()
     train_time = time.perf_counter() - train_start
 
