@@ -26,6 +26,14 @@ Launch (from the repository root):
     # 2 processes on CPU, to try the distributed path without GPUs
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/train.py --max_train_steps 20
 
+    # fine-tune a converted or saved tokenizer on your images (architecture from the model, see configs/finetune.yaml)
+    accelerate launch examples/train.py --config examples/configs/finetune.yaml \\
+        --pretrained_model_name_or_path optvq-hf-run --train_data_dir my-images --output_dir optvq-finetuned
+
+Preemption: SIGTERM or SIGINT lets the step finish, writes a complete checkpoint and exits with 128 + the signal;
+rerun with --resume_from_checkpoint latest. Under `accelerate launch` the trainer also receives SIGTERM when the
+launcher dies (the single-process launcher forwards no signal; torchrun forwards SIGTERM itself).
+
 `accelerate config` can store the launch settings instead of the flags; `torchrun --nproc_per_node 8
 examples/train.py ...` works as well. A launch whose processes do not form one distributed group is refused.
 
