@@ -201,10 +201,11 @@ def test_resume_equals_the_uninterrupted_run_and_skips_an_interrupted_checkpoint
         return real_save_state(self, output_dir, *args, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", crash_at_step_6)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"could not write checkpoint .*checkpoint-6: No space left.*checkpoint-3 is"):
         run(config, interrupted)
     monkeypatch.setattr(Accelerator, "save_state", real_save_state)
-    assert (interrupted / ".tmp-checkpoint-6").is_dir() and not (interrupted / "checkpoint-6").exists()
+    assert not (interrupted / ".tmp-checkpoint-6").exists() and not (interrupted / "checkpoint-6").exists()
+    assert not [path.name for path in interrupted.iterdir() if path.name.startswith(".tmp")]
     (interrupted / "checkpoint-9").mkdir()  # a folder someone copied halfway: no training_state.json
     assert find_latest_checkpoint(interrupted) == str(interrupted / "checkpoint-3")
 
@@ -526,3 +527,287 @@ def test_mnist_config_trains_on_the_offline_digits(tmp_path):
     results = report["validation"]["model"]
     assert report["global_step"] == 2 and results["psnr"] == results["psnr_rgb"] > 0  # one channel: PSNR of it
     assert OptVQModel.from_pretrained(tmp_path / "out").config.in_channels == 1
+
+
+# ------------------------------------------------------------------------------------------------- no silent surprises
+def test_resume_refuses_options_its_restored_state_overrides(tmp_path):
+    config = write_config(tmp_path / "c.yaml", max_train_steps=2, checkpointing_steps=1)
+    run(config, tmp_path / "out")
+    for flag, value, message in [
+        ("--learning_rate", "5e-4", "learning_rate: 0.001 in the checkpoint, 0.0005 now"),
+        ("--lr_scheduler", "cosine", "lr_scheduler: 'constant' in the checkpoint, 'cosine' now"),
+        ("--train_batch_size", "2", "train_batch_size: 4 in the checkpoint, 2 now"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(config, tmp_path / "out", "--resume_from_checkpoint", "latest", flag, value)
+    # Options the restored state does not hold may change: more steps continue the run.
+    report = run(config, tmp_path / "out", "--resume_from_checkpoint", "latest", "--logging_steps", "1")
+    assert report["global_step"] == 2 and report["steps_this_run"] == 0
+
+
+def test_full_disk_at_the_final_save_leaves_no_half_written_file(tmp_path, monkeypatch):
+    config = write_config(tmp_path / "c.yaml", max_train_steps=1)
+    real_save = OptVQModel.save_pretrained
+
+    def full_disk(self, folder, *args, **kwargs):
+        (Path(folder) / "modeling_optvq.py").write_bytes(b"")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(OptVQModel, "save_pretrained", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match=f"could not save the model into {out}: No space left on device"):
+        run(config, out)
+    assert not (out / "modeling_optvq.py").exists() and not (out / "model.safetensors").exists()
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".tmp")]
+    assert find_latest_checkpoint(out) == str(out / "checkpoint-1")  # the step's checkpoint stays usable
+    monkeypatch.setattr(OptVQModel, "save_pretrained", real_save)
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        run(write_config(tmp_path / "c.yaml", max_train_steps=1), tmp_path / "out")
+    finally:
+        os.umask(mask)
+    modes = {
+        str(path.relative_to(tmp_path)): path.stat().st_mode & 0o777
+        for path in (tmp_path / "out").rglob("*")
+        if path.is_file() and "logs" not in path.parts
+    }
+    assert "out/model.safetensors" in modes and "out/checkpoint-1/model.safetensors" in modes
+    assert {name: mode for name, mode in modes.items() if mode != 0o644} == {}
+
+
+# ------------------------------------------------------------------------------------- checkpoints are model folders
+def test_every_checkpoint_opens_as_a_model_and_evaluates(tmp_path):
+    from optvq_hf import OptVQImageProcessor
+
+    config = write_config(tmp_path / "c.yaml", max_train_steps=2, checkpointing_steps=1)
+    out = tmp_path / "out"
+    run(config, out)
+    first = OptVQModel.from_pretrained(out / "checkpoint-1")
+    last = OptVQModel.from_pretrained(out / "checkpoint-2")
+    assert first.config.num_codes == 16 and first.config.backbone == "simple_cnn"
+    assert_same(last.state_dict(), final_weights(out))  # the last checkpoint holds the final weights
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), last.state_dict().values()))
+    processor = OptVQImageProcessor.from_pretrained(out / "checkpoint-1")
+    assert processor.to_dict() == OptVQImageProcessor.from_pretrained(out).to_dict()
+    # examples/evaluate.py takes a checkpoint folder as --model
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        PIL.Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(images / f"{i}.png")
+    AcceleratorState._reset_state(True)
+    results = load_example("evaluate").main(
+        [
+            "--model",
+            str(out / "checkpoint-2"),
+            "--data_dir",
+            str(images),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--metrics",
+            "psnr_rgb,usage",
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+        ]
+    )
+    assert set(results) == {"psnr_rgb", "usage"} and results["psnr_rgb"] > 0
+
+
+# -------------------------------------------------------------------------------------------------------- preemption
+def test_sigterm_checkpoints_the_step_and_resume_continues_exactly(tmp_path, monkeypatch):
+    import signal
+
+    config = write_config(tmp_path / "c.yaml", max_train_steps=5, checkpointing_steps=100, loss={"disc_start": 1})
+    reference = tmp_path / "uninterrupted"
+    run(config, reference)
+
+    real_log = Accelerator.log
+
+    def preempt_at_step_2(self, values, step=None, **kwargs):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step finishes first
+        return real_log(self, values, step=step, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "log", preempt_at_step_2)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(SystemExit) as stopped:
+        run(config, interrupted)
+    monkeypatch.setattr(Accelerator, "log", real_log)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert find_latest_checkpoint(interrupted) == str(interrupted / "checkpoint-2")
+    assert not (interrupted / "model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
+    report = run(config, interrupted, "--resume_from_checkpoint", "latest")
+    assert report["steps_this_run"] == 3
+    assert_same(final_weights(interrupted), final_weights(reference))
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_training_subprocess(tmp_path):
+    """A real signal to a real process: it finishes its step, checkpoints, says so and exits with 128 + SIGTERM."""
+    import signal
+    import time
+
+    config = write_config(tmp_path / "c.yaml", max_train_steps=100000, checkpointing_steps=100000)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(EXAMPLE.parents[1])}
+    process = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), "--config", str(config), "--output_dir", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "training_config.yaml").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "Stopped by a signal after step" in output and "--resume_from_checkpoint latest" in output
+    step = int(output.split("Stopped by a signal after step ")[1].split()[0])
+    assert find_latest_checkpoint(out) == str(out / f"checkpoint-{step}")
+    assert OptVQModel.from_pretrained(out / f"checkpoint-{step}").config.num_codes == 16
+
+
+# ------------------------------------------------------------------------------------------------------- fine-tuning
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "official-tiny"
+
+
+@pytest.fixture(scope="module")
+def converted_fixture(tmp_path_factory):
+    from optvq_hf.conversion.convert import convert
+
+    output = tmp_path_factory.mktemp("converted") / "model"
+    convert(
+        FIXTURE / "training_checkpoint.pth",
+        output,
+        original_config=str(FIXTURE / "original_config.yaml"),
+        save_loss_weights=True,
+        log=lambda message: None,
+    )
+    return output
+
+
+def finetune_config(tmp_path, **fields):
+    """A config without a model section: the architecture comes from the pretrained model."""
+    content = {**BASE, "train_data_dir": str(save_png_folder(tmp_path / "data", 12)), "dataset_name": None}
+    content.update(num_validation_images=4, validation_batch_size=4, max_train_steps=1)
+    content["loss"] = {"disc_num_layers": 3, "perceptual_weight": 0.0, "disc_start": 0}
+    content.update(fields)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(content))
+    return tmp_path / "ft.yaml"
+
+
+def test_finetuning_starts_from_the_pretrained_weights_and_loss_networks(tmp_path, monkeypatch, converted_fixture):
+    from safetensors.torch import load_file as load
+
+    disc_weights = {
+        k.removeprefix("loss.discriminator."): v
+        for k, v in load(converted_fixture / "loss_weights.safetensors").items()
+        if k.startswith("loss.discriminator.")
+    }
+    base_channels = disc_weights["main.0.weight"].shape[0]
+    config = finetune_config(tmp_path)
+    seen = {}
+    real_generator_loss = OptVQLoss.generator_loss
+
+    def record(self, pixel_values, reconstruction, *args, **kwargs):
+        if not seen:
+            seen["pixel_values"], seen["reconstruction"] = pixel_values.clone(), reconstruction.detach().clone()
+            seen["discriminator"] = {k: v.clone() for k, v in self.discriminator.state_dict().items()}
+        return real_generator_loss(self, pixel_values, reconstruction, *args, **kwargs)
+
+    monkeypatch.setattr(OptVQLoss, "generator_loss", record)
+    run(
+        config,
+        tmp_path / "out",
+        "--pretrained_model_name_or_path",
+        str(converted_fixture),
+        "--loss.disc_base_channels",
+        str(base_channels),
+        "--model.inference_assignment",
+        "sinkhorn",  # a training-time field may change
+    )
+    pretrained = OptVQModel.from_pretrained(converted_fixture).train()
+    expected = pretrained(seen["pixel_values"]).reconstruction.detach()  # with autograd, as in the training step
+    # Float rounding of a differently scheduled forward (~5e-6); other weights would differ by ~0.1.
+    torch.testing.assert_close(seen["reconstruction"], expected, rtol=0, atol=2e-5)
+    assert_same(seen["discriminator"], {k: v for k, v in disc_weights.items()})
+    saved = OptVQConfig.from_pretrained(tmp_path / "out")
+    assert saved.inference_assignment == "sinkhorn" and saved.num_codes == pretrained.config.num_codes
+
+
+def test_finetuning_refuses_contradicting_architecture_fields(tmp_path, converted_fixture):
+    num_codes = OptVQConfig.from_pretrained(converted_fixture).num_codes
+    with pytest.raises(
+        ValueError, match=f"model.num_codes=5 contradicts the pretrained model .*num_codes={num_codes}"
+    ):
+        run(
+            finetune_config(tmp_path),
+            tmp_path / "out",
+            "--pretrained_model_name_or_path",
+            str(converted_fixture),
+            "--model.num_codes",
+            "5",
+        )
+
+
+# ----------------------------------------------------------------------------------------- the flags of diffusers' kit
+def test_diffusers_style_flags_and_a_dry_run_push(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", max_train_steps=2, image_logging_steps=1, report_to="tensorboard")
+    report = run(
+        config,
+        tmp_path / "out",
+        "--allow_tf32",
+        "true",
+        "--max_train_samples",
+        "12",
+        "--push_to_hub",
+        "true",
+        "--hub_model_id",
+        "someone/optvq-digits",
+        "--hub_dry_run",
+        "true",
+    )
+    out = tmp_path / "out"
+    assert report["dataset"].startswith("scikit-learn digits")
+    card = (out / "README.md").read_text()
+    assert "someone/optvq-digits" in card and f"| {report['validation']['model']['psnr']:.3f} |" in card
+    printed = capsys.readouterr().out
+    assert "model.safetensors" in printed and "checkpoint-2" not in printed.split("someone/optvq-digits", 1)[1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    images = events.Images("reconstructions")
+    assert [image.step for image in images] == [1, 2]
+    assert PIL.Image.open(__import__("io").BytesIO(images[0].encoded_image_string)).size == (2 * 16, 2 * 16)
+
+
+def test_report_links_a_plot_of_the_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    config = write_config(tmp_path / "c.yaml", max_train_steps=4, logging_steps=2, validation_steps=2)
+    report = run(config, tmp_path / "out")
+    assert [step for step, _ in report["history"]["loss"]] == [2, 4]
+    assert [step for step, _ in report["history"]["usage"]] == [2, 4]
+    assert [step for step, _ in report["history"]["psnr"]] == [2, 4]
+    assert report["history"]["psnr"][-1][1] == report["validation"]["model"]["psnr"]
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "](training_curves.png)" in markdown
+    with PIL.Image.open(tmp_path / "out" / "training_curves.png") as image:
+        assert image.size == (1300, 360)
+
+
+def test_every_option_has_help_text():
+    from dataclasses import fields
+
+    for cls in (train.TrainingConfig, OptVQLossConfig):
+        missing = [f.name for f in fields(cls) if not f.metadata.get("help")]
+        assert missing == [], f"{cls.__name__} fields without help: {missing}"

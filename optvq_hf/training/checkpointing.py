@@ -84,9 +84,21 @@ def save_checkpoint(
     if accelerator.is_local_main_process:
         shutil.rmtree(temporary, ignore_errors=True)  # left over by a crash during an earlier save of this step
     accelerator.wait_for_everyone()
-    accelerator.save_state(temporary)
-    with open(os.path.join(temporary, PROCESS_STATE_PATTERN.format(accelerator.process_index)), "w") as handle:
-        json.dump(dict(process_state or {}), handle)
+    try:
+        accelerator.save_state(temporary)
+        with open(os.path.join(temporary, PROCESS_STATE_PATTERN.format(accelerator.process_index)), "w") as handle:
+            json.dump(dict(process_state or {}), handle)
+        if accelerator.is_local_main_process:
+            _ordinary_permissions(temporary)
+    except OSError as error:
+        # A full disk: drop the partial folder (the previous checkpoints stay untouched) and say where it failed.
+        shutil.rmtree(temporary, ignore_errors=True)
+        previous = find_latest_checkpoint(output_dir)
+        raise OSError(
+            error.errno,
+            f"could not write checkpoint {final}: {error.strerror or error}; nothing of it was kept"
+            + (f", {previous} is the newest complete checkpoint" if previous else ""),
+        ) from error
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json_atomically(os.path.join(temporary, STATE_FILENAME), dict(state))
@@ -97,6 +109,16 @@ def save_checkpoint(
         _replace_directory(temporary, final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _ordinary_permissions(folder: str) -> None:
+    """The weights written by `save_state` come out 0600 (written through a private temporary file); give every file
+    the mode a plain `open` gives (0666 minus the umask), so that jobs of the same group can read them."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _write_json_atomically(path: str, content: Any) -> None:

@@ -30,7 +30,7 @@ the discriminator runs under whatever autocast is active and its logits are upca
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -104,23 +104,45 @@ class OptVQLossConfig:
             files or cache directory, passed to `LPIPS` (see `LPIPS.from_pretrained`).
     """
 
-    l1_weight: float = 1.0
-    l2_weight: float = 1.0
-    perceptual_weight: float = 3.0
-    quantizer_weight: float = 1.0
-    disc_weight: float = 1.0
-    disc_loss_weight: float = 1.0
-    disc_start: int = 150_000
-    disc_train_start: int = 0
-    disc_loss: str = "hinge"
-    disc_in_channels: int = 3
-    disc_base_channels: int = 64
-    disc_num_layers: int = 3
-    perceptual_backbone: str = "vgg"
-    perceptual_pretrained: bool = True
-    perceptual_backbone_path: str | None = None
-    perceptual_heads_path: str | None = None
-    perceptual_cache_dir: str | None = None
+    l1_weight: float = field(
+        default=1.0, metadata={"help": "weight of the mean absolute pixel error (loss_l1_weight)"}
+    )
+    l2_weight: float = field(default=1.0, metadata={"help": "weight of the mean squared pixel error (loss_l2_weight)"})
+    perceptual_weight: float = field(
+        default=3.0, metadata={"help": "weight of LPIPS (loss_p_weight); 0 builds no LPIPS network"}
+    )
+    quantizer_weight: float = field(default=1.0, metadata={"help": "weight of the quantizer's loss (loss_q_weight)"})
+    disc_weight: float = field(
+        default=1.0, metadata={"help": "factor on the adaptive weight of the adversarial term (loss_g_weight); 0: off"}
+    )
+    disc_loss_weight: float = field(
+        default=1.0, metadata={"help": "factor on the discriminator's loss (loss_d_weight)"}
+    )
+    disc_start: int = field(
+        default=150_000, metadata={"help": "first step at which the generator gets the adversarial term"}
+    )
+    disc_train_start: int = field(default=0, metadata={"help": "first step at which the discriminator trains"})
+    disc_loss: str = field(default="hinge", metadata={"help": "hinge or vanilla (binary cross-entropy)"})
+    disc_in_channels: int = field(
+        default=3, metadata={"help": "image channels the discriminator reads (= model.out_channels)"}
+    )
+    disc_base_channels: int = field(default=64, metadata={"help": "channels of the discriminator's first layer (ndf)"})
+    disc_num_layers: int = field(default=3, metadata={"help": "strided layers of the PatchGAN discriminator"})
+    perceptual_backbone: str = field(
+        default="vgg", metadata={"help": "LPIPS backbone of the loss: vgg (the original) or alex"}
+    )
+    perceptual_pretrained: bool = field(
+        default=True, metadata={"help": "load the published LPIPS weights (false: random weights, tests only)"}
+    )
+    perceptual_backbone_path: str | None = field(
+        default=None, metadata={"help": "a local file of the LPIPS backbone weights"}
+    )
+    perceptual_heads_path: str | None = field(
+        default=None, metadata={"help": "a local file of the LPIPS linear heads"}
+    )
+    perceptual_cache_dir: str | None = field(
+        default=None, metadata={"help": "cache directory of the downloaded LPIPS weights"}
+    )
 
     def __post_init__(self) -> None:
         for name in (
