@@ -65,7 +65,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import PIL.Image
@@ -83,7 +83,7 @@ from optvq_hf.training.checkpointing import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from optvq_hf.training.cli import parse_options
+from optvq_hf.training.cli import option, parse_options
 from optvq_hf.training.codebook_init import kmeans_init_codebook
 from optvq_hf.training.data import (
     ImageList,
@@ -107,13 +107,6 @@ DECAYED_LAYERS = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)  #
 # ---------------------------------------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------------------------------------
-def option(default, help: str | None = None):
-    """A field of `TrainingConfig` with its `--help` text."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainingConfig:
     """Every option of a run. `model` holds `OptVQConfig` fields, `loss` holds `OptVQLossConfig` fields."""
