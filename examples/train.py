@@ -96,6 +96,7 @@ from optvq_hf.training.data import (
     load_image_splits,
     shard_stream,
 )
+from optvq_hf.training.images import reconstruction_grid as images_grid
 from optvq_hf.training.launch import StopRequest, check_process_group, stop_with_launcher
 from optvq_hf.training.losses import OptVQLoss, OptVQLossConfig
 
@@ -438,10 +439,7 @@ def reconstruction_grid(model: OptVQModel, images: torch.Tensor) -> PIL.Image.Im
     model.eval()
     reconstruction = model(images.to(model.device)).reconstruction.float().clamp(-1, 1).cpu()
     model.train(was_training)
-    rows = [torch.cat(list(batch), dim=2) for batch in (images.float(), reconstruction)]  # (C, R, n*R) each
-    grid = torch.cat(rows, dim=1)
-    array = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return PIL.Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    return images_grid(images, reconstruction, pad=0)
 
 
 def log_grid(accelerator: Accelerator, grid: PIL.Image.Image, step: int) -> None:

@@ -80,6 +80,7 @@ from optvq_hf import OptVQImageProcessor, OptVQModel, TokenLayout
 from optvq_hf.generation import process_logits
 from optvq_hf.tokens import ORDERS, VOCABULARIES
 from optvq_hf.training.cli import option, parse_options
+from optvq_hf.training.images import image_grid
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -468,18 +469,6 @@ def sample_tokens_cfg(
     return generated[:batch, cond.shape[1] :].cpu()
 
 
-def image_grid(images: np.ndarray, columns: int, scale: int = 1, pad: int = 1) -> PIL.Image.Image:
-    """uint8 images (N, H, W, C) -> one grid image, `columns` per row, separated by `pad` grey pixels."""
-    count, height, width, channels = images.shape
-    rows = math.ceil(count / columns)
-    grid = np.full((rows * (height + pad) + pad, columns * (width + pad) + pad, channels), 128, dtype=np.uint8)
-    for index, image in enumerate(images):
-        top, left = pad + (index // columns) * (height + pad), pad + (index % columns) * (width + pad)
-        grid[top : top + height, left : left + width] = image
-    picture = PIL.Image.fromarray(grid[..., 0] if channels == 1 else grid)
-    return picture.resize((picture.width * scale, picture.height * scale), PIL.Image.Resampling.NEAREST)
-
-
 def decode_to_uint8(
     tokenizer: OptVQModel, token_ids: torch.Tensor, layout: TokenLayout, batch: int = 64
 ) -> np.ndarray:
@@ -559,14 +548,14 @@ def save_samples(
     count = labels.numel() if names else args.num_samples
     sampled = sample_tokens(generator, fmt, labels, count, args)
     images = decode_to_uint8(tokenizer, sampled, fmt.layout)
-    image_grid(images, columns, args.grid_scale).save(output_dir / "samples.png")
+    image_grid(images, columns, scale=args.grid_scale).save(output_dir / "samples.png")
     save_file(
         {"token_ids": sampled.contiguous(), **({"labels": labels} if names else {})},
         output_dir / "samples.safetensors",
     )
     # The tokenizer's round trip of real images of the same classes: what a perfect generator could reach.
     reference = reference_images(tokenizer, tokens, fmt.layout, names, per_row)
-    image_grid(reference, columns, args.grid_scale).save(output_dir / "reference.png")
+    image_grid(reference, columns, scale=args.grid_scale).save(output_dir / "reference.png")
 
 
 def transformer_config(args: ArOptions, fmt: SequenceFormat) -> LlamaConfig:
