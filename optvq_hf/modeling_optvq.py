@@ -139,7 +139,9 @@ class SimpleCNNEncoder(nn.Module):
         self.conv2 = nn.Conv2d(narrow, wide, 3, padding=1)
         self.out_fc = nn.Conv2d(wide, config.latent_channels, 3, padding=1)
         self.act = nn.ReLU()
-        self.gradient_checkpointing = False  # set by `activation_checkpointing_enable` / `gradient_checkpointing_enable`
+        self.gradient_checkpointing = (
+            False  # set by `activation_checkpointing_enable` / `gradient_checkpointing_enable`
+        )
 
     def _level1(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.conv1(self.down1(self.act(self.in_fc(x)))))
@@ -166,7 +168,9 @@ class SimpleCNNDecoder(nn.Module):
         self.conv2 = nn.Conv2d(narrow, narrow, 3, padding=1)
         self.out_fc = nn.Conv2d(narrow, config.out_channels, 3, padding=1)
         self.act = nn.ReLU()
-        self.gradient_checkpointing = False  # set by `activation_checkpointing_enable` / `gradient_checkpointing_enable`
+        self.gradient_checkpointing = (
+            False  # set by `activation_checkpointing_enable` / `gradient_checkpointing_enable`
+        )
 
     @property
     def conv_out(self) -> nn.Conv2d:

@@ -88,7 +88,9 @@ def test_latent_channels_need_not_be_a_multiple_of_the_groupnorm_groups(latent_c
 
 
 def test_standard_pretrained_config_kwargs_are_accepted():
-    config = OptVQConfig(**tiny_config_kwargs(attn_implementation="eager", dtype="bfloat16", output_hidden_states=True))
+    config = OptVQConfig(
+        **tiny_config_kwargs(attn_implementation="eager", dtype="bfloat16", output_hidden_states=True)
+    )
     assert config._attn_implementation == "eager" and config.output_hidden_states is True
 
 
