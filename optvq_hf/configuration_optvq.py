@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 BACKBONES = ("diffusion", "simple_cnn")
 QUANTIZER_TYPES = ("optvq", "vq")
@@ -12,8 +15,9 @@ COST_NORMALIZATIONS = ("all", "dim", "none")
 INFERENCE_ASSIGNMENTS = ("nearest", "sinkhorn")
 NORM_GROUPS = 32  # GroupNorm groups of the taming / diffusers blocks
 
-# Keys that transformers itself may put in any config (its own fields and bookkeeping): everything else that is not an
-# OptVQ field is a typo or a file of another model, and is rejected instead of silently ignored.
+# Keys that transformers itself may put in any config (its own fields and bookkeeping). Any other key is kept as an
+# attribute, as transformers does (a config.json written by a newer version of this package must load), with a
+# warning naming it; strict unknown-field errors belong to the training CLI and its YAML files.
 _TRANSFORMERS_KEYS = set(PretrainedConfig().to_dict()) | {
     "auto_map",
     "num_labels",
@@ -142,8 +146,9 @@ class OptVQConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         unknown = sorted(k for k in kwargs if k not in _TRANSFORMERS_KEYS and not k.startswith("_"))
         if unknown:
-            raise ValueError(
-                f"OptVQConfig got unknown field(s) {unknown}; see the OptVQConfig docstring for the fields"
+            logger.warning(
+                f"OptVQConfig got field(s) {unknown} that this version does not use; they are kept as attributes "
+                f"(see the OptVQConfig docstring for the fields)"
             )
         super().__init__(**kwargs)
         self.validate_architecture()
@@ -215,13 +220,13 @@ class OptVQConfig(PretrainedConfig):
                 f"OptVQConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
             )
         if self.backbone == "diffusion":
-            # Every level's width is a multiple of base_channels, so checking these two covers all GroupNorms.
-            for name in ("base_channels", "latent_channels"):
-                if getattr(self, name) % NORM_GROUPS != 0:
-                    raise ValueError(
-                        f"OptVQConfig.{name} ({getattr(self, name)}) must be divisible by the {NORM_GROUPS} GroupNorm "
-                        f"groups of the diffusion backbone"
-                    )
+            # Every level's width is a multiple of base_channels, so this covers all GroupNorms; none acts on the
+            # latent channels (original checkpoints have z_channels 16 or 48).
+            if self.base_channels % NORM_GROUPS != 0:
+                raise ValueError(
+                    f"OptVQConfig.base_channels ({self.base_channels}) must be divisible by the {NORM_GROUPS} "
+                    f"GroupNorm groups of the diffusion backbone"
+                )
         elif self.base_channels % 2 != 0:
             raise ValueError(
                 f"OptVQConfig.base_channels must be even for the simple_cnn backbone, got {self.base_channels}"

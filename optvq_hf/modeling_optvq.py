@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_optvq import OptVQConfig
-from .quantization import SinkhornQuantizer, VectorQuantizer
+from .quantization import SinkhornQuantizer, VectorQuantizer, checks_tensor_values
 
 try:  # transformers >= 5: initialisers that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -139,12 +139,20 @@ class SimpleCNNEncoder(nn.Module):
         self.conv2 = nn.Conv2d(narrow, wide, 3, padding=1)
         self.out_fc = nn.Conv2d(wide, config.latent_channels, 3, padding=1)
         self.act = nn.ReLU()
+        self.gradient_checkpointing = (
+            False  # set by `activation_checkpointing_enable` / `gradient_checkpointing_enable`
+        )
+
+    def _level1(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv1(self.down1(self.act(self.in_fc(x)))))
+
+    def _level2(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_fc(self.act(self.conv2(self.down2(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.in_fc(x))
-        x = self.act(self.conv1(self.down1(x)))
-        x = self.act(self.conv2(self.down2(x)))
-        return self.out_fc(x)
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(self._level2, self._gradient_checkpointing_func(self._level1, x))
+        return self._level2(self._level1(x))
 
 
 class SimpleCNNDecoder(nn.Module):
@@ -160,17 +168,25 @@ class SimpleCNNDecoder(nn.Module):
         self.conv2 = nn.Conv2d(narrow, narrow, 3, padding=1)
         self.out_fc = nn.Conv2d(narrow, config.out_channels, 3, padding=1)
         self.act = nn.ReLU()
+        self.gradient_checkpointing = (
+            False  # set by `activation_checkpointing_enable` / `gradient_checkpointing_enable`
+        )
 
     @property
     def conv_out(self) -> nn.Conv2d:
         """The last layer, under the name diffusers' decoder uses (the adaptive GAN weight reads its gradient)."""
         return self.out_fc
 
+    def _level1(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv1(self.up1(self.act(self.in_fc(z))))
+
+    def _level2(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_fc(self.act(self.conv2(self.up2(self.act(x)))))
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.in_fc(z)
-        x = self.conv1(self.up1(self.act(x)))
-        x = self.conv2(self.up2(self.act(x)))
-        return self.out_fc(self.act(x))
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(self._level2, self._gradient_checkpointing_func(self._level1, z))
+        return self._level2(self._level1(z))
 
 
 def build_quantizer(config: OptVQConfig) -> VectorQuantizer:
@@ -294,7 +310,9 @@ class OptVQModel(OptVQPreTrainedModel):
                 f"pixel_values must be a floating-point tensor in [-1, 1], got dtype {pixel_values.dtype} "
                 f"(use OptVQImageProcessor to convert images)"
             )
-        low, high = (float(v) for v in torch.aminmax(pixel_values.detach().float()))
+        if not checks_tensor_values():  # value checks stay out of compiled, exported and traced graphs
+            return
+        low, high = (float(v) for v in torch.aminmax(pixel_values.detach()))
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError("pixel_values contains NaN or Inf")
         if low < -1.001 or high > 1.001:
@@ -350,7 +368,7 @@ class OptVQModel(OptVQPreTrainedModel):
         if not isinstance(indices, torch.Tensor) or indices.ndim != 4 or indices.shape[1] != self.config.num_heads:
             shape = tuple(indices.shape) if isinstance(indices, torch.Tensor) else type(indices).__name__
             raise ValueError(f"indices must have shape (batch, num_heads={self.config.num_heads}, h, w), got {shape}")
-        quantized = self.quantizer.lookup(indices.to(self.quant_conv.weight.device))
+        quantized = self.quantizer.lookup(indices)  # on the codebook's device (under offload, the execution device)
         return self.decode(quantized, return_dict=return_dict)
 
     def forward(self, pixel_values: torch.Tensor, return_dict: bool = True) -> OptVQModelOutput | tuple:

@@ -21,6 +21,16 @@ from .assignment import COST_NORMALIZATIONS, distributed_group_active, nearest_c
 INFERENCE_ASSIGNMENTS = ("nearest", "sinkhorn")
 
 
+def checks_tensor_values() -> bool:
+    """Whether input checks that read tensor values (NaN, range, index bounds) may run: in eager mode only.
+
+    Reading a value is a host synchronisation and data-dependent control flow, which `torch.compile(fullgraph=True)`,
+    `torch.export` and `torch.jit.trace` cannot capture (the trace would bake the check in as a constant). Shape and
+    dtype checks cost nothing and run everywhere.
+    """
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+
+
 @dataclass
 class QuantizerOutput(ModelOutput):
     """
@@ -82,8 +92,10 @@ class VectorQuantizer(nn.Module):
         self.beta = beta
         self.chunk_size = chunk_size
         self.use_projection = use_projection
-        self.embedding = nn.Embedding(num_codes, self.code_dim)
-        self.proj = nn.Linear(self.code_dim, self.code_dim) if use_projection else None
+        # Created float32 whatever the default dtype (a half default dtype, `from_config(dtype=...)`): the codebook and
+        # the assignment must not be stored or trained in half precision.
+        self.embedding = nn.Embedding(num_codes, self.code_dim, dtype=torch.float32)
+        self.proj = nn.Linear(self.code_dim, self.code_dim, dtype=torch.float32) if use_projection else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -95,12 +107,19 @@ class VectorQuantizer(nn.Module):
             nn.init.uniform_(self.proj.bias, -bound, bound)
 
     # -- codebook -------------------------------------------------------------------------------------------------
-    def codebook(self) -> torch.Tensor:
-        """The (num_codes, embed_dim / num_heads) codes the features are compared with, in float32."""
-        weight = self.embedding.weight.float()
-        if self.proj is None:
-            return weight
-        return nn.functional.linear(weight, self.proj.weight.float(), self.proj.bias.float())
+    def codebook(self, device: torch.device | None = None) -> torch.Tensor:
+        """The (num_codes, embed_dim / num_heads) codes the features are compared with, in float32.
+
+        The parameters are used through the submodules' calls, never read directly, so that accelerate's offload hooks
+        bring offloaded weights in. `device` is where the result is used (that of the features).
+        """
+        if device is None:
+            device = self.embedding.weight.device
+        with torch.autocast(device_type=torch.device(device).type, enabled=False):
+            weight = self.embedding(torch.arange(self.num_codes, device=device)).float()
+            if self.proj is None:
+                return weight
+            return self.proj(weight).float()
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """
@@ -123,12 +142,12 @@ class VectorQuantizer(nn.Module):
             raise ValueError(
                 f"indices must be (B, num_heads, H, W) or (B, T, num_heads), got shape {tuple(indices.shape)}"
             )
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_codes):
-            raise ValueError(
-                f"indices must lie in [0, {self.num_codes}), got values in "
-                f"[{int(indices.min())}, {int(indices.max())}]"
-            )
-        codes = self.codebook()[indices.long()]  # (..., d)
+        if checks_tensor_values() and indices.numel():
+            low, high = (int(v) for v in torch.aminmax(indices.long()))
+            if low < 0 or high >= self.num_codes:
+                raise ValueError(f"indices must lie in [0, {self.num_codes}), got values in [{low}, {high}]")
+        codes = self.codebook(indices.device)
+        codes = nn.functional.embedding(indices.long().to(codes.device), codes)  # (..., d)
         if indices.ndim == 4:  # (B, nH, H, W, d) -> (B, nH, d, H, W) -> (B, nH*d, H, W)
             batch, _, height, width, _ = codes.shape
             return codes.permute(0, 1, 4, 2, 3).reshape(batch, self.embed_dim, height, width)
@@ -156,10 +175,11 @@ class VectorQuantizer(nn.Module):
         with torch.autocast(device_type=z.device.type, enabled=False):
             channels_last = z.permute(0, 2, 3, 1) if z.ndim == 4 else z
             rows = channels_last.float().reshape(-1, self.code_dim)  # position-major, heads adjacent
-            codes = self.codebook()
+            codes = self.codebook(z.device)
             with torch.no_grad():
                 flat_indices = self.assign(rows.detach(), codes.detach())
-            selected = codes[flat_indices]
+            # F.embedding: deterministic gradient accumulation into the codebook (index_put is not, on CPU threads).
+            selected = nn.functional.embedding(flat_indices, codes)
             loss = torch.mean((rows - selected.detach()) ** 2) + self.beta * torch.mean(
                 (selected - rows.detach()) ** 2
             )
@@ -263,4 +283,4 @@ class SinkhornQuantizer(VectorQuantizer):
         )
 
 
-__all__ = ["QuantizerOutput", "SinkhornQuantizer", "VectorQuantizer", "sinkhorn"]
+__all__ = ["QuantizerOutput", "SinkhornQuantizer", "VectorQuantizer", "checks_tensor_values", "sinkhorn"]

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quantization import checks_tensor_values
+
 ORDERS = ("position-major", "head-major")
 VOCABULARIES = ("shared", "per-head")
 
@@ -158,7 +160,7 @@ class TokenLayout:
                 f"got {tuple(indices.shape)}"
             )
         indices = indices.long()
-        if indices.numel():
+        if checks_tensor_values() and indices.numel():  # eager only: compiled and exported graphs skip it
             low, high = int(indices.min()), int(indices.max())
             if low < 0 or high >= self.num_codes:
                 raise ValueError(f"indices must lie in [0, {self.num_codes}), got values in [{low}, {high}]")
@@ -179,16 +181,17 @@ class TokenLayout:
                 f"{self.latent_shape[0]} * {self.latent_shape[1]} = {self.sequence_length}"
             )
         tokens = tokens.long()
-        low, high = self.id_bounds(tokens.device)
-        outside = (tokens < low) | (tokens >= high)
-        if bool(outside.any()):
-            row, slot = (int(i) for i in outside.nonzero()[0])
-            head = int(self.head_of_slot()[slot])
-            raise ValueError(
-                f"token id {int(tokens[row, slot])} at sequence {row}, place {slot} is out of range: that place holds "
-                f"head {head}, whose ids lie in [{int(low[slot])}, {int(high[slot])}) with the {self.vocabulary!r} "
-                f"vocabulary and {self.order!r} order"
-            )
+        if checks_tensor_values():  # eager only: compiled and exported graphs skip the value check
+            low, high = self.id_bounds(tokens.device)
+            outside = (tokens < low) | (tokens >= high)
+            if bool(outside.any()):
+                row, slot = (int(i) for i in outside.nonzero()[0])
+                head = int(self.head_of_slot()[slot])
+                raise ValueError(
+                    f"token id {int(tokens[row, slot])} at sequence {row}, place {slot} is out of range: that place "
+                    f"holds head {head}, whose ids lie in [{int(low[slot])}, {int(high[slot])}) with the "
+                    f"{self.vocabulary!r} vocabulary and {self.order!r} order"
+                )
         batch, (height, width) = tokens.shape[0], self.latent_shape
         if self.order == "position-major":
             indices = tokens.reshape(batch, height, width, self.num_heads).permute(0, 3, 1, 2)

@@ -1,6 +1,9 @@
 """OptVQConfig: defaults of the original ImageNet model, validation, serialisation, Auto registration."""
 
+import logging
+
 import pytest
+import torch
 from conftest import tiny_config_kwargs
 from transformers import AutoConfig
 
@@ -39,7 +42,7 @@ def test_simple_cnn_backbone_downsamples_by_four():
     [
         (dict(embed_dim=30, num_heads=4), "embed_dim"),
         (dict(base_channels=48), "base_channels"),
-        (dict(latent_channels=20), "latent_channels"),
+        (dict(latent_channels=0), "latent_channels"),
         (dict(quantizer_type="kmeans"), "quantizer_type"),
         (dict(cost_normalization="null"), "cost_normalization"),
         (dict(inference_assignment="sample"), "inference_assignment"),
@@ -61,9 +64,34 @@ def test_invalid_values_name_the_field(overrides, field):
         OptVQConfig(**tiny_config_kwargs(**overrides))
 
 
-def test_unknown_field_is_rejected():
-    with pytest.raises(ValueError, match="num_code"):
-        OptVQConfig(num_code=1024)
+def test_unknown_field_is_kept_with_a_warning(caplog):
+    # A config.json written by a newer version (a field this one does not know) must load, as in transformers.
+    with caplog.at_level(logging.WARNING):
+        config = OptVQConfig(**tiny_config_kwargs(future_field=7))
+    assert config.future_field == 7 and config.to_dict()["future_field"] == 7
+    assert "future_field" in caplog.text
+
+
+def test_unknown_field_survives_a_json_round_trip(tmp_path):
+    OptVQConfig(**tiny_config_kwargs(future_field=[1, 2])).save_pretrained(tmp_path)
+    assert OptVQConfig.from_pretrained(tmp_path).future_field == [1, 2]
+
+
+@pytest.mark.parametrize("latent_channels", [16, 48, 20])
+def test_latent_channels_need_not_be_a_multiple_of_the_groupnorm_groups(latent_channels):
+    # No GroupNorm acts on the latent channels: original checkpoints have z_channels 16 or 48.
+    from optvq_hf import OptVQModel
+
+    model = OptVQModel(OptVQConfig(**tiny_config_kwargs(latent_channels=latent_channels))).eval()
+    assert model.encoder.conv_out.out_channels == latent_channels
+    assert model(torch.rand(1, 3, 32, 32) * 2 - 1).reconstruction.shape == (1, 3, 32, 32)
+
+
+def test_standard_pretrained_config_kwargs_are_accepted():
+    config = OptVQConfig(
+        **tiny_config_kwargs(attn_implementation="eager", dtype="bfloat16", output_hidden_states=True)
+    )
+    assert config._attn_implementation == "eager" and config.output_hidden_states is True
 
 
 def test_round_trip_through_json(tmp_path):
