@@ -160,6 +160,7 @@ class TrainingConfig:
     kmeans_init_batches: int = option(8, "batches of encoder features for k-means")
     kmeans_iterations: int = option(20, "Lloyd iterations of the k-means init")
     sync_batchnorm: bool = option(True, "discriminator SyncBatchNorm on several GPUs")
+    gradient_checkpointing: bool = option(False, "recompute encoder/decoder activations in backward: less memory")
     allow_tf32: bool = option(False, "TF32 matmuls and convolutions on Ampere+ GPUs (faster, ~1e-3 relative error)")
     max_train_samples: int | None = option(None, "train on the first N images only (quick trials, debugging)")
     # -- outputs
@@ -776,6 +777,8 @@ def main(argv: list[str] | None = None) -> dict:
         pretrained = OptVQModel.from_pretrained(config.pretrained_model_name_or_path)
         model.load_state_dict(pretrained.state_dict())
         del pretrained
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     loss_fn = OptVQLoss(loss_config)
     if config.pretrained_model_name_or_path is not None:
         load_loss_weights(loss_fn, config.pretrained_model_name_or_path, accelerator)

@@ -767,6 +767,8 @@ def test_diffusers_style_flags_and_a_dry_run_push(tmp_path, capsys):
         tmp_path / "out",
         "--allow_tf32",
         "true",
+        "--gradient_checkpointing",
+        "true",
         "--max_train_samples",
         "12",
         "--push_to_hub",
@@ -778,6 +780,7 @@ def test_diffusers_style_flags_and_a_dry_run_push(tmp_path, capsys):
     )
     out = tmp_path / "out"
     assert report["dataset"].startswith("scikit-learn digits")
+    assert yaml.safe_load((out / "training_config.yaml").read_text())["gradient_checkpointing"] is True
     card = (out / "README.md").read_text()
     assert "someone/optvq-digits" in card and f"| {report['validation']['model']['psnr']:.3f} |" in card
     printed = capsys.readouterr().out
