@@ -284,6 +284,11 @@ class OptVQModel(OptVQPreTrainedModel):
             )
         factor = self.config.downsample_factor
         height, width = pixel_values.shape[-2:]
+        if pixel_values.shape[0] == 0 or height == 0 or width == 0:
+            raise ValueError(
+                f"pixel_values is empty (shape {tuple(pixel_values.shape)}): pass at least one image of at least "
+                f"{factor}x{factor} pixels"
+            )
         if height % factor or width % factor:
             raise ValueError(
                 f"pixel_values height and width ({height}x{width}) must be multiples of the downsampling factor "
@@ -394,10 +399,16 @@ class OptVQModel(OptVQPreTrainedModel):
         self, pixel_values: torch.Tensor, order: str = "position-major", vocabulary: str = "shared"
     ) -> torch.LongTensor:
         """
-        Images in [-1, 1] (B, C, H, W) -> token ids (B, num_heads * h * w). Call it in eval mode: in training mode the
-        quantizer assigns by Sinkhorn over the batch, so the tokens would depend on the other images.
+        Images in [-1, 1] (B, C, H, W) -> token ids (B, num_heads * h * w). Always tokenizes in eval mode (the model is
+        switched to eval for the call and back): in training mode the quantizer assigns by Sinkhorn over the batch, so
+        the tokens of an image would depend on the other images of the batch.
         """
-        indices = self.encode(pixel_values).indices
+        was_training = self.training
+        self.eval()
+        try:
+            indices = self.encode(pixel_values).indices
+        finally:
+            self.train(was_training)
         return self.token_layout(order, vocabulary, tuple(indices.shape[-2:])).to_tokens(indices)
 
     def detokenize(
