@@ -366,6 +366,13 @@ def push_folder_to_hub(
         if verbose:
             print(summary)
         return summary
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset HF_HUB_OFFLINE "
+            f"(and check the network), or pass dry_run=True / --dry_run to list what would be uploaded"
+        )
     api = HfApi(token=token)
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if revision is not None:  # upload_folder needs the branch to exist

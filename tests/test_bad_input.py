@@ -76,3 +76,46 @@ def test_tokenize_in_training_mode_uses_eval_and_restores_mode():
     # In training mode a Sinkhorn assignment over the batch would make image 0's tokens depend on images 1 and 2.
     assert torch.equal(model.tokenize(images)[:1], expected)
     assert model.training and model.quantizer.training
+
+
+def test_nan_weight_in_checkpoint_names_the_key():
+    from optvq_hf.conversion.original_checkpoint import CheckpointError, split_and_check
+    from optvq_hf.conversion.original_config import spec_from_preset
+    from optvq_hf.conversion.original_reference import random_original_state_dict
+
+    spec = spec_from_preset("optvq-16x16x8")
+    state = random_original_state_dict(spec, seed=0)
+    key = sorted(k for k, v in state.items() if v.is_floating_point() and "loss" not in k)[0]
+    state[key] = state[key].clone()
+    state[key].view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match=rf"NaN or Inf in model weight\(s\): .*{key}"):
+        split_and_check(state, spec, "random")
+
+
+def test_verify_batch_size_zero_is_refused(tmp_path, capsys):
+    from optvq_hf.conversion.convert import main
+
+    argv = ["--original_path", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--verify_batch_size", "0"]
+    code = main(argv)
+    assert code != 0
+    assert "--verify_batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_push_while_offline_names_hf_hub_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from optvq_hf.hub import push_folder_to_hub
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_text("x")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE is set.*dry_run"):
+        push_folder_to_hub(tmp_path, "someone/x")
+
+
+def test_evaluate_missing_local_model_path(tmp_path):
+    from conftest import load_example
+
+    evaluate = load_example("evaluate")
+    with pytest.raises(ValueError, match="--model .*nowhere.* is not an existing folder"):
+        evaluate.main(["--model", str(tmp_path / "nowhere"), "--data_dir", str(tmp_path)])
