@@ -318,6 +318,11 @@ class OptVQModel(OptVQPreTrainedModel):
             )
         if not quantized.is_floating_point():
             raise ValueError(f"quantized must be a floating-point tensor, got dtype {quantized.dtype}")
+        if quantized.numel() == 0:
+            raise ValueError(f"quantized is empty (shape {tuple(quantized.shape)}): pass at least one 1x1 latent")
+        # Eager-only value check (a host sync): compile, tracing and export skip it.
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not bool(torch.isfinite(quantized).all()):
+            raise ValueError("quantized contains NaN or Inf: decode finite latents (e.g. from encode)")
 
     # -- public API ---------------------------------------------------------------------------------------------------
     @property
