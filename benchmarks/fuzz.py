@@ -111,7 +111,7 @@ def case_encode(data):
     m = model()
     x = tensor(data, shape4(data, 3, 16), data.draw(st.sampled_from([torch.float32, torch.float64, torch.int64])))
     out = m.encode(x)
-    assert finite(out.quantized) and out.indices.shape == (x.shape[0], 2, 8, 8)
+    assert finite(out.quantized) and out.indices.shape == (x.shape[0], 2, x.shape[2] // 2, x.shape[3] // 2)
     assert int(out.indices.min()) >= 0 and int(out.indices.max()) < 16
 
 
@@ -287,10 +287,8 @@ def main() -> None:
         row = [counts[kind, o] for o in outcomes]
         print(f"| {kind} | {sum(row)} | {' | '.join(map(str, row))} |")
     total = sum(counts.values())
-    print(
-        f"\n{total} inputs in {time.perf_counter() - start:.0f} s; every one returned a checked result or a "
-        f"ValueError/TypeError with a message"
-    )
+    bugs = sum(n for (_, outcome), n in counts.items() if outcome.startswith("BUG"))
+    print(f"\n{total} inputs in {time.perf_counter() - start:.0f} s; {bugs} raised another exception (BUG columns)")
 
 
 if __name__ == "__main__":
