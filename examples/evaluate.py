@@ -329,6 +329,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
     names, explicit = parse_metrics(args.metrics)
     accelerator = Accelerator()
 
+    # A Hub id has at most one "/"; anything else is a local path, which must exist.
+    looks_local = args.model.startswith((".", "/", "~")) or args.model.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(args.model)):
+        raise ValueError(
+            f"--model {args.model!r} is not an existing folder (nor a Hub repo id 'owner/name'): pass the folder "
+            f"written by save_pretrained or a Hub model id"
+        )
     model = OptVQModel.from_pretrained(args.model).to(accelerator.device).eval()
     if model.config.out_channels != model.config.in_channels:
         raise ValueError(

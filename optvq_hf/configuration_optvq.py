@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from transformers import PretrainedConfig
@@ -209,12 +210,21 @@ class OptVQConfig(PretrainedConfig):
             raise ValueError(
                 f"OptVQConfig.attn_resolutions must hold positive integers, got {self.attn_resolutions!r}"
             )
+        for name in ("dropout", "sinkhorn_epsilon", "commitment_beta", "initializer_range"):
+            _check_finite_number(name, getattr(self, name))
+        if not isinstance(self.use_codebook_projection, bool):
+            raise ValueError(
+                f"OptVQConfig.use_codebook_projection must be a bool (true/false), got "
+                f"{self.use_codebook_projection!r}"
+            )
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"OptVQConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not float(self.sinkhorn_epsilon) > 0.0:
             raise ValueError(f"OptVQConfig.sinkhorn_epsilon must be positive, got {self.sinkhorn_epsilon!r}")
         if float(self.commitment_beta) < 0.0:
             raise ValueError(f"OptVQConfig.commitment_beta must be non-negative, got {self.commitment_beta!r}")
+        if float(self.initializer_range) < 0.0:
+            raise ValueError(f"OptVQConfig.initializer_range must be non-negative, got {self.initializer_range!r}")
         if self.embed_dim % self.num_heads != 0:
             raise ValueError(
                 f"OptVQConfig.embed_dim ({self.embed_dim}) must be divisible by num_heads ({self.num_heads})"
@@ -236,6 +246,14 @@ class OptVQConfig(PretrainedConfig):
                 f"OptVQConfig.resolution ({self.resolution}) must be divisible by the downsampling factor "
                 f"{self.downsample_factor}"
             )
+
+
+def _check_finite_number(name: str, value) -> None:
+    """A real number (int or float, not a bool or a string) that is finite, else a ValueError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"OptVQConfig.{name} must be a number, got {value!r} of type {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"OptVQConfig.{name} must be finite, got {value!r}")
 
 
 __all__ = ["OptVQConfig"]

@@ -367,18 +367,24 @@ def push_folder_to_hub(
             print(summary)
         return summary
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    if revision is not None:  # upload_folder needs the branch to exist
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=root,
-        repo_type="model",
-        commit_message=commit_message,
-        revision=revision,
-        allow_patterns=list(allow_patterns) if allow_patterns else None,
-        ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
-    )
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        if revision is not None:  # upload_folder needs the branch to exist
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=root,
+            repo_type="model",
+            commit_message=commit_message,
+            revision=revision,
+            allow_patterns=list(allow_patterns) if allow_patterns else None,
+            ignore_patterns=list(ignore_patterns) if ignore_patterns else None,
+        )
+    except ConnectionError as error:  # huggingface_hub's OfflineModeIsEnabled and network failures
+        raise ValueError(
+            f"cannot push to {repo_id!r}: the Hub cannot be reached ({type(error).__name__}: {error}); unset "
+            f"HF_HUB_OFFLINE and check the network, or pass dry_run=True / --dry_run to list what would be uploaded"
+        ) from error
     summary.commit_url = getattr(commit, "commit_url", None) or str(commit)
     if verbose:
         print(summary)

@@ -300,6 +300,11 @@ class OptVQModel(OptVQPreTrainedModel):
             )
         factor = self.config.downsample_factor
         height, width = pixel_values.shape[-2:]
+        if pixel_values.shape[0] == 0 or height == 0 or width == 0:
+            raise ValueError(
+                f"pixel_values is empty (shape {tuple(pixel_values.shape)}): pass at least one image of at least "
+                f"{factor}x{factor} pixels"
+            )
         if height % factor or width % factor:
             raise ValueError(
                 f"pixel_values height and width ({height}x{width}) must be multiples of the downsampling factor "
@@ -331,6 +336,11 @@ class OptVQModel(OptVQPreTrainedModel):
             )
         if not quantized.is_floating_point():
             raise ValueError(f"quantized must be a floating-point tensor, got dtype {quantized.dtype}")
+        if quantized.numel() == 0:
+            raise ValueError(f"quantized is empty (shape {tuple(quantized.shape)}): pass at least one 1x1 latent")
+        # Eager-only value check (a host sync): compile, tracing and export skip it.
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not bool(torch.isfinite(quantized).all()):
+            raise ValueError("quantized contains NaN or Inf: decode finite latents (e.g. from encode)")
 
     # -- public API ---------------------------------------------------------------------------------------------------
     @property
@@ -412,10 +422,16 @@ class OptVQModel(OptVQPreTrainedModel):
         self, pixel_values: torch.Tensor, order: str = "position-major", vocabulary: str = "shared"
     ) -> torch.LongTensor:
         """
-        Images in [-1, 1] (B, C, H, W) -> token ids (B, num_heads * h * w). Call it in eval mode: in training mode the
-        quantizer assigns by Sinkhorn over the batch, so the tokens would depend on the other images.
+        Images in [-1, 1] (B, C, H, W) -> token ids (B, num_heads * h * w). Always tokenizes in eval mode (the model is
+        switched to eval for the call and back): in training mode the quantizer assigns by Sinkhorn over the batch, so
+        the tokens of an image would depend on the other images of the batch.
         """
-        indices = self.encode(pixel_values).indices
+        was_training = self.training
+        self.eval()
+        try:
+            indices = self.encode(pixel_values).indices
+        finally:
+            self.train(was_training)
         return self.token_layout(order, vocabulary, tuple(indices.shape[-2:])).to_tokens(indices)
 
     def detokenize(

@@ -172,6 +172,15 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"expected {self.embed_dim} feature channels, got {channels} (shape {tuple(z.shape)})")
         if not z.is_floating_point():
             raise ValueError(f"expected floating-point features, got dtype {z.dtype}")
+        if z.numel() == 0:
+            raise ValueError(f"expected a non-empty batch of features, got shape {tuple(z.shape)}")
+        # A NaN / Inf row has no nearest code: assignment would silently pick index 0 or an arbitrary one. The check
+        # synchronises with the device, so it runs in eager mode only (compile, tracing and export skip it).
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not bool(torch.isfinite(z).all()):
+            raise ValueError(
+                "the quantizer got non-finite features (NaN or Inf): check the encoder's input for NaN / Inf pixels "
+                "and the weights for NaN (e.g. a diverged training run)"
+            )
         with torch.autocast(device_type=z.device.type, enabled=False):
             channels_last = z.permute(0, 2, 3, 1) if z.ndim == 4 else z
             rows = channels_last.float().reshape(-1, self.code_dim)  # position-major, heads adjacent

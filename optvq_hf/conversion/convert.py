@@ -462,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     transformers_logging.disable_progress_bar()  # the summary says what was written
     try:
+        if args.verify_batch_size < 1:
+            raise ConversionError(f"--verify_batch_size must be >= 1, got {args.verify_batch_size}")
         if args.push_to_hub and not args.hub_model_id:
             raise ConversionError("--push_to_hub needs --hub_model_id")
         if (args.hub_model_id or args.dry_run or args.private) and not args.push_to_hub:

@@ -171,6 +171,14 @@ def split_and_check(state_dict: dict[str, torch.Tensor], spec: OriginalModelSpec
     not_float = sorted(k for k, v in model.items() if k in expected and not v.is_floating_point())
     if not_float:
         problems.append(f"non-floating-point model weight(s): {_listing(not_float)}")
+    non_finite = sorted(
+        k for k, v in model.items() if k in expected and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
+    if non_finite:
+        problems.append(
+            f"NaN or Inf in model weight(s): {_listing(non_finite)} (a diverged or corrupted checkpoint; "
+            f"convert an earlier one)"
+        )
     if problems:
         raise CheckpointError(
             f"{source} does not match the original model of {spec.source}:\n  - " + "\n  - ".join(problems)

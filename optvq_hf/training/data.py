@@ -36,6 +36,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..image_modes import to_pil_image
 from ..image_processing_optvq import OptVQImageProcessor
 
 BUILTIN_PREFIX = "builtin:"
@@ -104,9 +105,9 @@ def to_pil(value: Any, where: str) -> PIL.Image.Image:
 
 
 def convert_channels(image: PIL.Image.Image, num_channels: int) -> PIL.Image.Image:
-    """RGB for 3 channels, grayscale for 1 (transparency is dropped)."""
-    mode = "RGB" if num_channels == 3 else "L"
-    return image if image.mode == mode else image.convert(mode)
+    """RGB for 3 channels, grayscale for 1, by `optvq_hf.image_modes` (16-bit and float images scaled by their real
+    range, transparency composited on white), rounded to 8 bits for PIL's resampling."""
+    return to_pil_image(image, num_channels)
 
 
 class ImageList:
