@@ -6,8 +6,9 @@ so a 16-bit or float image means the same thing everywhere. Rules:
 - 8-bit modes (`1`, `L`, `P`, `RGB`, `CMYK`, `YCbCr`, `LAB`, `HSV`): PIL's own conversion to RGB / L, divided by 255.
   A 48-bit RGB PNG opens in PIL as `RGB` (8 bits per channel) and so follows this rule.
 - 16-bit modes (`I;16`, `I;16B`, `I;16L`, `I;16N`) and numpy `uint16`: divided by 65535.
-- `I` (32-bit signed) and numpy signed / other unsigned integers: values must lie in [0, 65535] (PIL opens 16-bit PNGs
-  as `I`), divided by 65535; other values raise a ValueError naming the mode and the range found.
+- `I` (32-bit signed): values must lie in [0, 65535] (PIL opens 16-bit PNGs as `I`), divided by 65535; other values
+  raise a ValueError naming the mode and the range found. Numpy arrays of other integer dtypes (int32, int64, ...)
+  are refused: their range is ambiguous (0..255 and 0..65535 are both common), so convert them to uint8 or uint16.
 - `F` (32-bit float) and numpy float arrays: values must be finite and in [0, 1] (taken as they are); otherwise a
   ValueError naming the mode and the range found (rescale the image to [0, 1] first).
 - numpy `uint8`: divided by 255; numpy `bool`: 0 or 1.
@@ -49,8 +50,10 @@ def _array_to_unit(array: np.ndarray, what: str) -> np.ndarray:
     if array.dtype == np.uint16 or array.dtype == np.dtype(">u2"):
         return array.astype(np.float64) / 65535.0
     if np.issubdtype(array.dtype, np.integer):
-        _checked_range(array, 0, 65535, what, "32-bit integer images are read as 16-bit values (divided by 65535)")
-        return array.astype(np.float64) / 65535.0
+        raise ValueError(
+            f"{what}: integer arrays other than uint8 (0..255) and uint16 (0..65535) are ambiguous; convert the image "
+            f"to one of those dtypes (or to float in [0, 1]) first"
+        )
     if np.issubdtype(array.dtype, np.floating):
         values = array.astype(np.float64)
         _checked_range(values, 0.0, 1.0, what, "rescale the image to [0, 1] first")
@@ -67,7 +70,9 @@ def _pil_to_unit(image: PIL.Image.Image) -> np.ndarray:
             raise ValueError(f"image mode {mode!r} has negative values; expected unsigned 16-bit values")
         return (array / 65535.0)[..., None]
     if mode == "I":
-        return _array_to_unit(np.asarray(image, dtype=np.int64), "image of mode 'I'")[..., None]
+        array = np.asarray(image, dtype=np.int64)
+        _checked_range(array, 0, 65535, "image of mode 'I'", "32-bit integer images are read as 16-bit values")
+        return (array.astype(np.float64) / 65535.0)[..., None]
     if mode == "F":
         return _array_to_unit(np.asarray(image, dtype=np.float32), "image of mode 'F'")[..., None]
     if mode in _ALPHA_MODES:

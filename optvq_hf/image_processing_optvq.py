@@ -9,6 +9,8 @@ import PIL.Image
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from .image_modes import to_pil_image
+
 _RESAMPLE = {
     "nearest": PIL.Image.Resampling.NEAREST,
     "bilinear": PIL.Image.Resampling.BILINEAR,
@@ -81,20 +83,14 @@ class OptVQImageProcessor(BaseImageProcessor):
             raise ValueError(
                 f"a numpy image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {image.shape}"
             )
-        if image.dtype == np.uint8:
-            return PIL.Image.fromarray(image)
-        if not np.issubdtype(image.dtype, np.floating):
-            raise ValueError(f"image arrays must be uint8 or float in [0, 1], got dtype {image.dtype}")
-        if not np.isfinite(image).all():
-            raise ValueError("image contains NaN or Inf")
-        if image.min() < 0.0 or image.max() > 1.0:
-            raise ValueError(f"float images must lie in [0, 1], got values in [{image.min():.4g}, {image.max():.4g}]")
-        return PIL.Image.fromarray(np.round(image * 255.0).astype(np.uint8))
+        return to_pil_image(image, self.num_channels)  # dtype and value-range rules: optvq_hf.image_modes
 
     def _prepare(
         self, image: Any, resolution: int, do_resize: bool, do_center_crop: bool, resample: str
     ) -> np.ndarray:
-        pil = self._to_pil(image).convert("RGB" if self.num_channels == 3 else "L")
+        pil = to_pil_image(self._to_pil(image), self.num_channels)
+        if min(pil.size) == 0:
+            raise ValueError(f"image of size {pil.size[0]}x{pil.size[1]} has no pixels")
         if do_resize:
             width, height = pil.size
             scale = resolution / min(width, height)

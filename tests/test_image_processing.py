@@ -86,9 +86,9 @@ def test_save_and_load(tmp_path):
     ("image", "message"),
     [
         (np.full((8, 8, 3), 2.0, dtype=np.float32), r"\[0, 1\]"),
-        (np.full((8, 8, 3), np.nan, dtype=np.float32), "NaN"),
+        (np.full((8, 8, 3), np.nan, dtype=np.float32), "finite values"),
         (np.zeros((8, 8, 5), dtype=np.uint8), "shape"),
-        (np.zeros((8, 8, 3), dtype=np.int64), "dtype"),
+        (np.zeros((8, 8, 3), dtype=np.int64), "dtype|ambiguous"),
         ("not an image", "unsupported image type"),
         ([], "no images"),
     ],
@@ -105,3 +105,15 @@ def test_bad_settings_raise():
         OptVQImageProcessor(resolution=16, do_resize=False)(np.zeros((8, 8, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="output_type"):
         OptVQImageProcessor().postprocess(torch.zeros(1, 3, 2, 2), output_type="torch")
+
+
+def test_sixteen_bit_and_float_images_are_scaled_by_their_range_not_clipped():
+    processor = OptVQImageProcessor(resolution=8)
+    sixteen = PIL.Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16))
+    assert sixteen.mode.startswith("I;16")
+    expected = round(30000 / 65535 * 255) / 127.5 - 1.0  # -0.0824 after the 8-bit resize path (-0.0845 exact)
+    assert np.allclose(processor(sixteen)["pixel_values"].numpy(), expected, atol=1e-6)
+    as_float = PIL.Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32), mode="F")
+    assert np.allclose(processor(as_float)["pixel_values"].numpy(), round(0.25 * 255) / 127.5 - 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="no pixels"):
+        processor(PIL.Image.new("RGB", (0, 5)))
