@@ -814,3 +814,17 @@ def test_every_option_has_help_text():
     for cls in (train.TrainingConfig, OptVQLossConfig):
         missing = [f.name for f in fields(cls) if not f.metadata.get("help")]
         assert missing == [], f"{cls.__name__} fields without help: {missing}"
+
+
+def test_two_thread_runs_are_bit_identical(tmp_path):
+    """With several intra-op threads the CPU path stays deterministic: the codebook gather is `F.embedding`, whose
+    backward accumulates in a fixed order (the backward of `codes[indices]` does not)."""
+    config = write_config(tmp_path / "c.yaml", max_train_steps=4, model={"num_codes": 16})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(config, tmp_path / "a")
+        run(config, tmp_path / "b")
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"), exact=True)
