@@ -32,17 +32,15 @@ rFID: the `pytorch-fid` package and its Inception weights) are skipped with a wa
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import numpy as np
-import PIL.Image
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
@@ -50,7 +48,9 @@ from tqdm.auto import tqdm
 
 from optvq_hf import OptVQImageProcessor, OptVQModel
 from optvq_hf.metrics import METRIC_NAMES, InceptionFeatureExtractor, ReconstructionMetrics
+from optvq_hf.training.cli import option, parse_options
 from optvq_hf.training.data import ImageList, ValidationImages
+from optvq_hf.training.images import reconstruction_grid
 from optvq_hf.training.perceptual import LPIPS
 
 # What each number means, written next to it in metrics.md.
@@ -72,44 +72,42 @@ GRID_FILENAME = "reconstructions.png"
 # ---------------------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+@dataclass
+class EvaluateOptions:
+    """Every option of an evaluation; a YAML or JSON `--config` file holds the same keys, the command line wins."""
+
+    model: str | None = option(None, "a folder saved by save_pretrained (or a checkpoint-<step>), or a Hub model id")
+    dataset_name: str | None = option(None, "a `datasets` dataset on the Hub (exactly one of this and data_dir)")
+    dataset_config_name: str | None = option(None, "the configuration of dataset_name, if any")
+    data_dir: str | None = option(None, "a local folder of images (a `datasets` imagefolder)")
+    split: str | None = option(
+        None,
+        "the split to evaluate; default 'validation' for dataset_name, and for data_dir the folder's only split (or "
+        "'validation' when it has several)",
     )
-    parser.add_argument("--model", required=True, help="a folder saved by save_pretrained, or a Hub model id")
-    source = parser.add_argument_group("data (exactly one of --dataset_name and --data_dir)")
-    source.add_argument("--dataset_name", default=None, help="a `datasets` dataset on the Hub (or a loading script)")
-    source.add_argument("--dataset_config_name", default=None, help="the configuration of --dataset_name, if any")
-    source.add_argument("--data_dir", default=None, help="a local folder of images (a `datasets` imagefolder)")
-    source.add_argument(
-        "--split",
-        default=None,
-        help="the split to evaluate; default 'validation' for --dataset_name, and for --data_dir the folder's only "
-        "split (or 'validation' when it has several)",
+    image_column: str | None = option(None, "column holding the images; default 'image', else the only Image column")
+    batch_size: int = option(32, "images per batch and per process")
+    max_samples: int | None = option(None, "evaluate the first N images of the split only")
+    metrics: str = option(
+        "all",
+        f"comma-separated list among {', '.join(METRIC_NAMES)}; or 'all' (default), which skips with a warning the "
+        "metrics whose weights or packages are missing",
     )
-    source.add_argument(
-        "--image_column", default=None, help="column holding the images; default 'image', else the only Image column"
-    )
-    parser.add_argument("--batch_size", type=int, default=32, help="images per batch and per process")
-    parser.add_argument("--max_samples", type=int, default=None, help="evaluate the first N images of the split only")
-    parser.add_argument(
-        "--metrics",
-        default="all",
-        help=f"comma-separated list among {', '.join(METRIC_NAMES)}; or 'all' (default), which skips with a warning "
-        "the metrics whose weights or packages are missing",
-    )
-    parser.add_argument("--output_dir", default="eval-output", help="where metrics.json, metrics.md and the grid go")
-    parser.add_argument(
-        "--num_workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes (0: none)"
-    )
-    parser.add_argument("--num_grid_images", type=int, default=8, help="images shown in reconstructions.png (0: none)")
-    args = parser.parse_args(argv)
+    output_dir: str = option("eval-output", "where metrics.json, metrics.md and the grid go")
+    num_workers: int = option(min(4, os.cpu_count() or 1), "DataLoader worker processes (0: none)")
+    num_grid_images: int = option(8, "images shown in reconstructions.png (0: none)")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvaluateOptions:
+    args = parse_options(EvaluateOptions, argv, description=__doc__.split("\n\n")[0])
     check_args(args)
     return args
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: EvaluateOptions) -> None:
     """Raise a `ValueError` naming the flag for every invalid combination."""
+    if args.model is None:
+        raise ValueError("--model is required: a saved folder or a Hub model id")
     if (args.dataset_name is None) == (args.data_dir is None):
         raise ValueError("pass exactly one of --dataset_name (a Hub dataset) and --data_dir (a local image folder)")
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
@@ -288,13 +286,9 @@ def save_grid(
     """A PNG with the originals on the top row and their reconstructions below, separated by white gaps."""
     top = processor.postprocess(originals, output_type="np")
     bottom = processor.postprocess(reconstructions, output_type="np")
-    count, size, channels = top.shape[0], top.shape[1], top.shape[-1]
-    grid = np.full((2 * size + gap, count * size + (count - 1) * gap, channels), 255, dtype=np.uint8)
-    for i in range(count):
-        left = i * (size + gap)
-        grid[:size, left : left + size] = top[i]
-        grid[size + gap :, left : left + size] = bottom[i]
-    PIL.Image.fromarray(grid[..., 0] if channels == 1 else grid).save(path)
+    if top.ndim == 3:  # (N, H, W) for one channel
+        top, bottom = top[..., None], bottom[..., None]
+    reconstruction_grid(top, bottom, pad=gap).save(path)
 
 
 def markdown_report(

@@ -44,8 +44,9 @@ def image_grid(
 def reconstruction_grid(
     originals: torch.Tensor | np.ndarray, reconstructions: torch.Tensor | np.ndarray, pad: int = 2
 ) -> PIL.Image.Image:
-    """Originals on the top row, their reconstructions below, white gaps between them."""
+    """Originals on the top row, their reconstructions below, `pad` white pixels between them (no outer border)."""
     top, bottom = to_uint8(originals), to_uint8(reconstructions)
     if top.shape != bottom.shape:
         raise ValueError(f"originals {top.shape} and reconstructions {bottom.shape} differ in shape")
-    return image_grid(np.concatenate([top, bottom]), columns=top.shape[0], pad=pad, fill=255)
+    grid = image_grid(np.concatenate([top, bottom]), columns=top.shape[0], pad=pad, fill=255)
+    return grid.crop((pad, pad, grid.width - pad, grid.height - pad))
