@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
+from .assignment import COST_NORMALIZATIONS
+from .quantization import INFERENCE_ASSIGNMENTS
+
 logger = logging.get_logger(__name__)
 
 BACKBONES = ("diffusion", "simple_cnn")
 QUANTIZER_TYPES = ("optvq", "vq")
-COST_NORMALIZATIONS = ("all", "dim", "none")
-INFERENCE_ASSIGNMENTS = ("nearest", "sinkhorn")
 NORM_GROUPS = 32  # GroupNorm groups of the taming / diffusers blocks
 
 # Keys that transformers itself may put in any config (its own fields and bookkeeping). Any other key is kept as an

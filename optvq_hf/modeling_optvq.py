@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .configuration_optvq import OptVQConfig
+from .configuration_optvq import NORM_GROUPS, OptVQConfig
 from .quantization import SinkhornQuantizer, VectorQuantizer, checks_tensor_values
 
 try:  # transformers >= 5: initialisers that skip weights already loaded from a checkpoint
@@ -90,7 +90,7 @@ def build_diffusion_encoder(config: OptVQConfig) -> Encoder:
         down_block_types=tuple(block_types),
         block_out_channels=tuple(config.base_channels * m for m in config.channel_multipliers),
         layers_per_block=config.num_res_blocks,
-        norm_num_groups=32,
+        norm_num_groups=NORM_GROUPS,
         act_fn="silu",
         double_z=False,
         mid_block_add_attention=True,
@@ -111,7 +111,7 @@ def build_diffusion_decoder(config: OptVQConfig) -> Decoder:
         up_block_types=tuple(block_types),
         block_out_channels=tuple(config.base_channels * m for m in config.channel_multipliers),
         layers_per_block=config.num_res_blocks,
-        norm_num_groups=32,
+        norm_num_groups=NORM_GROUPS,
         act_fn="silu",
         mid_block_add_attention=True,
     )
