@@ -340,3 +340,19 @@ def test_trust_remote_code_loads_the_folder_without_the_package(saved_folder, tm
     assert (remote["detokenized"] - reference["detokenized"]).abs().max() < 1e-5
     assert torch.equal(remote["processed"], reference["processed"])
     assert np.unique(reference["indices"].numpy()).size > 10  # a real mix of codes
+
+
+def test_saved_folder_carries_only_the_inference_files(tmp_path):
+    """trust_remote_code copies what the model imports: the inference surface, never the training kit."""
+    tiny_model().save_pretrained(tmp_path / "model")
+    OptVQImageProcessor(resolution=32).save_pretrained(tmp_path / "model")
+    code = sorted(path.name for path in (tmp_path / "model").glob("*.py"))
+    assert code == [
+        "assignment.py",
+        "configuration_optvq.py",
+        "image_modes.py",
+        "image_processing_optvq.py",
+        "modeling_optvq.py",
+        "quantization.py",
+        "tokens.py",
+    ]
