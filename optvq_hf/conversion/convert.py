@@ -29,7 +29,6 @@ original code's own outputs when `--reference_outputs` gives them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -61,6 +60,8 @@ from optvq_hf.conversion.original_keys import map_original_state_dict
 from optvq_hf.conversion.verification import VerificationReport, verify_conversion
 
 from .. import OptVQConfig, OptVQImageProcessor, OptVQModel
+from ..hub import push_folder_to_hub, render_model_card
+from ..training.cli import option, parse_options
 
 LOSS_WEIGHTS_FILE = "loss_weights.safetensors"
 LOSS_WEIGHTS_DOC = (
@@ -158,81 +159,41 @@ def model_card(
     loss_file: bool,
     verification: VerificationReport | None,
 ) -> str:
-    """A short model card stating what was converted from what, and what was checked."""
+    """The package's model card (optvq_hf.hub), stating what was converted from what, and what was checked."""
     groups = ", ".join(f"{count} {LOSS_GROUPS[prefix]}" for prefix, count in weights.loss_groups().items() if count)
     stripped = ", ".join(f"`{prefix}`" for prefix in weights.wrapper_prefixes)
     config_source = spec.source if spec.source.startswith("preset") else f"`{Path(spec.source).name}`"
-    architecture = [
-        ("backbone", config.backbone),
-        ("resolution", f"{config.resolution} x {config.resolution}, {config.in_channels} channels"),
-        (
-            "latent grid",
-            f"{config.latent_resolution} x {config.latent_resolution} (downsampling {config.downsample_factor})",
-        ),
-        ("codebook", f"{config.num_codes} codes of dimension {config.code_dim}, shared by {config.num_heads} heads"),
-        ("tokens per image", str(config.num_heads * config.latent_resolution**2)),
-        ("parameters", f"{num_parameters:,} (without the loss networks)"),
-    ]
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- optvq",
-        "- image-tokenizer",
-        "- vector-quantization",
-        "- optimal-transport",
-        "---",
-        "",
-        f"# {name}",
-        "",
-        "An OptVQ image tokenizer (VQGAN-style autoencoder whose quantizer assigns features to codes by optimal "
-        "transport), converted from the original implementation ([zbr17/OptVQ](https://github.com/zbr17/OptVQ); "
-        "paper: [Preventing Local Pitfalls in Vector Quantization via Optimal Transport]"
-        "(https://arxiv.org/abs/2412.15195)) into the format of the `optvq-hf` package. The weights are the "
-        "original ones, renamed; no training or fine-tuning was done here, and no quality numbers are claimed.",
-        "",
-        "## Source",
-        "",
-        f"- weights: `{Path(weights.source).name}`" + (f" (key prefixes stripped: {stripped})" if stripped else ""),
-        f"- original configuration: {config_source}",
-        f"- loss-only weights left out of the model: {len(weights.loss)}"
+    details = {
+        "weights": f"`{Path(weights.source).name}`" + (f" (key prefixes stripped: {stripped})" if stripped else ""),
+        "original configuration": config_source,
+        "loss-only weights left out of the model": f"{len(weights.loss)}"
         + (f" ({groups})" if groups else "")
         + (f"; saved to `{LOSS_WEIGHTS_FILE}` under their original names" if loss_file else ""),
-        "",
-        "## Model",
-        "",
-        "| | |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in architecture],
-        "",
-        "## Inference assignment",
-        "",
-        f'This folder\'s `inference_assignment` is `"{config.inference_assignment}"`. `"nearest"` (the package '
-        "default) gives each image the nearest codes, independent of the rest of its batch. The original model "
+        "inference_assignment": f'`"{config.inference_assignment}"`: '
         + (
-            'assigns codes in eval mode by Sinkhorn over the whole batch; set `inference_assignment="sinkhorn"` to '
-            "reproduce its tokens (they then depend on the batch, as the original's do)."
+            '"nearest" gives each image the nearest codes, independent of its batch; "sinkhorn" reproduces the '
+            "original's batch-level tokens"
             if spec.quantizer_type == "optvq"
-            else "is a nearest-code quantizer, so both agree."
+            else "the original is a nearest-code quantizer, so both rules agree"
         ),
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import optvq_hf  # registers the OptVQ classes",
-        "from transformers import AutoImageProcessor, AutoModel",
-        "",
-        f'model = AutoModel.from_pretrained("{name}").eval()',
-        f'processor = AutoImageProcessor.from_pretrained("{name}")',
-        'pixel_values = processor(images, return_tensors="pt")["pixel_values"]',
-        "indices = model.encode(pixel_values).indices          # (batch, num_heads, h, w)",
-        "reconstruction = model.decode_indices(indices).sample",
-        "```",
-        "",
-    ]
+    }
+    summary = (
+        "An OptVQ image tokenizer converted from the original implementation "
+        "([zbr17/OptVQ](https://github.com/zbr17/OptVQ)). The weights are the original ones, renamed; no training or "
+        "fine-tuning was done here, and no quality numbers are claimed."
+    )
+    card = render_model_card(
+        config,
+        repo_id=name if "/" in name else None,
+        model_name=name,
+        summary=summary,
+        conversion_details=details,
+        num_parameters=num_parameters,
+    )
+    text = str(card)
     if verification is not None:
-        lines += ["## Conversion check", "", verification.table(), ""]
-    return "\n".join(lines)
+        text += "\n## Conversion check\n\n" + verification.table() + "\n"
+    return text
 
 
 def _prepare_output(output_dir: Path, overwrite: bool) -> Path:
@@ -376,92 +337,61 @@ def check_repo_id(repo_id: str) -> None:
         raise ConversionError(f"invalid --hub_model_id {repo_id!r}: {error}") from error
 
 
-def push_to_hub(
-    folder: Path, repo_id: str, dry_run: bool, private: bool | None, log: Callable[[str], None] = print
-) -> list[str]:
-    """Upload the folder to a Hub model repo (created if needed); with `dry_run`, only list what would be uploaded."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    listing = [f"{p.relative_to(folder)} ({p.stat().st_size:,} bytes)" for p in files]
-    if dry_run:
-        log(f"Dry run: would upload to https://huggingface.co/{repo_id}:\n  " + "\n  ".join(listing))
-        return listing
-    from huggingface_hub import HfApi
+@dataclass
+class ConvertOptions:
+    """The command line of the conversion (also readable from a YAML or JSON `--config` file)."""
 
-    api = HfApi()
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        commit_message="Upload OptVQ tokenizer converted from the original checkpoint",
-        ignore_patterns=["**/__pycache__/**"],
+    original_path: str | None = option(
+        None,
+        "an original Hub-format folder (config.json + model.safetensors, as BorelTHU/optvq-*) or a checkpoint of the "
+        "original train.py (a torch pickle with the weights under 'model') (required)",
     )
-    log(f"Uploaded {len(files)} files to {getattr(commit, 'commit_url', repo_id)}")
-    return listing
+    original_config: str | None = option(None, "the original YAML config (for a training checkpoint)")
+    preset: str | None = option(
+        None, f"a released model's configuration, instead of --original_config: {sorted(PRESETS)}"
+    )
+    output_dir: str | None = option(None, "the folder to write (must not exist, see --overwrite) (required)")
+    inference_assignment: str = option(
+        "nearest",
+        "eval-mode assignment of the converted model: 'nearest' (batch-independent nearest codes) or 'sinkhorn' (the "
+        "original's batch Sinkhorn)",
+    )
+    save_loss_weights: bool = option(
+        False, f"also write the loss-only weights (LPIPS, discriminator) to {LOSS_WEIGHTS_FILE}"
+    )
+    verify: bool = option(
+        False,
+        "compare the converted model with the original network written from its formulas on a fixed batch, and print "
+        "the max abs differences",
+    )
+    reference_outputs: str | None = option(
+        None,
+        "with --verify: a safetensors file of the original code's outputs (pixel_values, latents, quantized, indices, "
+        "reconstruction, ...) to compare with as well",
+    )
+    verify_batch_size: int = option(2, "images in the fixed verification batch")
+    verify_image_size: int | None = option(None, "side of the verification images (default: the config's resolution)")
+    tolerance: float = option(1e-4, "largest accepted max abs difference in the verification")
+    overwrite: bool = option(False, "replace an existing --output_dir")
+    push_to_hub: bool = option(False, "upload the folder to --hub_model_id")
+    hub_model_id: str | None = option(None, "the Hub repo to upload to, e.g. my-org/optvq-16x16x4")
+    private: bool = option(False, "create the Hub repo as private")
+    dry_run: bool = option(False, "with --push_to_hub: list the files, upload nothing")
 
 
-# -- command line -----------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Convert an original OptVQ checkpoint (zbr17/OptVQ) into an optvq-hf save_pretrained folder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--original_path",
-        required=True,
-        help="an original Hub-format folder (config.json + model.safetensors, as BorelTHU/optvq-*) or "
-        "a checkpoint of the original train.py (a torch pickle with the weights under 'model')",
-    )
-    parser.add_argument("--original_config", help="the original YAML config (for a training checkpoint)")
-    parser.add_argument(
-        "--preset", choices=sorted(PRESETS), help="a released model's configuration, instead of --original_config"
-    )
-    parser.add_argument("--output_dir", required=True, help="the folder to write (must not exist, see --overwrite)")
-    parser.add_argument(
-        "--inference_assignment",
-        choices=("nearest", "sinkhorn"),
-        default="nearest",
-        help="eval-mode assignment of the converted model: batch-independent nearest codes, or the "
-        "original's batch Sinkhorn",
-    )
-    parser.add_argument(
-        "--save_loss_weights",
-        action="store_true",
-        help=f"also write the loss-only weights (LPIPS, discriminator) to {LOSS_WEIGHTS_FILE}",
-    )
-    parser.add_argument(
-        "--verify",
-        action="store_true",
-        help="compare the converted model with the original network written from its formulas on "
-        "a fixed batch, and print the max abs differences",
-    )
-    parser.add_argument(
-        "--reference_outputs",
-        help="with --verify: a safetensors file of the original code's outputs (pixel_values, "
-        "latents, quantized, indices, reconstruction, ...) to compare with as well",
-    )
-    parser.add_argument("--verify_batch_size", type=int, default=2, help="images in the fixed verification batch")
-    parser.add_argument(
-        "--verify_image_size", type=int, help="side of the verification images (default: the config's resolution)"
-    )
-    parser.add_argument(
-        "--tolerance", type=float, default=1e-4, help="largest accepted max abs difference in the verification"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output_dir")
-    parser.add_argument("--push_to_hub", action="store_true", help="upload the folder to --hub_model_id")
-    parser.add_argument("--hub_model_id", help="the Hub repo to upload to, e.g. my-org/optvq-16x16x4")
-    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    parser.add_argument("--dry_run", action="store_true", help="with --push_to_hub: list the files, upload nothing")
-    return parser
+DESCRIPTION = "Convert an original OptVQ checkpoint (zbr17/OptVQ) into an optvq-hf save_pretrained folder."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # the summary says what was written
     try:
+        args = parse_options(ConvertOptions, argv, description=DESCRIPTION)
+        if args.original_path is None or args.output_dir is None:
+            raise ConversionError("--original_path and --output_dir are required (see --help)")
+        if args.preset is not None and args.preset not in PRESETS:
+            raise ConversionError(f"--preset must be one of {sorted(PRESETS)}, got {args.preset!r}")
         if args.verify_batch_size < 1:
             raise ConversionError(f"--verify_batch_size must be >= 1, got {args.verify_batch_size}")
         if args.push_to_hub and not args.hub_model_id:
@@ -486,7 +416,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             hub_model_id=args.hub_model_id,
         )
         if args.push_to_hub:
-            push_to_hub(Path(args.output_dir), args.hub_model_id, args.dry_run, args.private or None)
+            push_folder_to_hub(
+                args.output_dir,
+                args.hub_model_id,
+                dry_run=args.dry_run,
+                private=args.private or None,
+                commit_message="Upload OptVQ tokenizer converted from the original checkpoint",
+            )
     except (ConversionError, OriginalConfigError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
