@@ -61,7 +61,6 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import PIL.Image
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -80,6 +79,7 @@ from optvq_hf import OptVQImageProcessor, OptVQModel, TokenLayout
 from optvq_hf.generation import process_logits
 from optvq_hf.tokens import ORDERS, VOCABULARIES
 from optvq_hf.training.cli import option, parse_options
+from optvq_hf.training.data import digits_to_pil, load_sklearn_digits
 from optvq_hf.training.images import image_grid
 
 
@@ -208,15 +208,10 @@ def check_args(args: ArOptions) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 def load_digits_dataset() -> datasets.Dataset:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels) as a `datasets.Dataset` with 10 classes."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:  # the offline default needs it; pip install -e ".[demo]" brings it
-        raise ValueError("the default digits data needs scikit-learn: pip install scikit-learn") from error
-    digits = load_digits()
-    images = [PIL.Image.fromarray(np.round(image * (255 / 16)).astype(np.uint8), mode="L") for image in digits.images]
+    images, targets = load_sklearn_digits()
     labels = datasets.ClassLabel(names=[str(digit) for digit in range(10)])
     features = datasets.Features({"image": datasets.Image(), "label": labels})
-    return datasets.Dataset.from_dict({"image": images, "label": digits.target.tolist()}, features=features)
+    return datasets.Dataset.from_dict({"image": digits_to_pil(images), "label": targets.tolist()}, features=features)
 
 
 def load_images(args: ArOptions) -> datasets.Dataset:

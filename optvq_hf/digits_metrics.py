@@ -16,15 +16,13 @@ from .metrics import frechet_distance
 
 def load_digits_images(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1,797 digits as (N, 1, size, size) float images in [-1, 1] (bilinear upsampling) and labels."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise ValueError("the digits metric needs scikit-learn: pip install scikit-learn") from error
-    digits = load_digits()
-    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0)[:, None]  # [0, 1]
+    from .training.data import load_sklearn_digits
+
+    digits, targets = load_sklearn_digits()
+    images = torch.from_numpy(digits.astype(np.float32) / 16.0)[:, None]  # [0, 1]
     if size != 8:
         images = nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    return images.clamp(0, 1) * 2 - 1, torch.from_numpy(digits.target).long()
+    return images.clamp(0, 1) * 2 - 1, torch.from_numpy(targets).long()
 
 
 class DigitsClassifier(nn.Module):

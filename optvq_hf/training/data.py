@@ -580,20 +580,31 @@ def skimage_photos(validation_tile_fraction: float = 1 / 6) -> tuple[list[PIL.Im
     return train, tiles
 
 
-def sklearn_digits() -> tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
-    """scikit-learn's 1797 handwritten digits (8x8, 17 gray levels) as grayscale images; the last 297 held out."""
+def load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1797 handwritten digits: images (N, 8, 8) as floats 0..16 (17 grey levels) and labels (N,).
+    The one loader of the digits for every script, benchmark and metric."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError(
-            f"the built-in dataset {DIGITS!r} needs scikit-learn: pip install 'optvq-hf[demo]'"
-        ) from error
-    images = load_digits().images  # float 0..16
-    pil = [PIL.Image.fromarray(np.round(image * (255.0 / 16.0)).astype(np.uint8)) for image in images]
+        raise ImportError("the digits data need scikit-learn: pip install 'optvq-hf[demo]'") from error
+    digits = load_digits()
+    return digits.images, digits.target
+
+
+def digits_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    """Digits of `load_sklearn_digits` as 8-bit grayscale images (0..16 -> 0..255)."""
+    return [PIL.Image.fromarray(np.round(image * (255.0 / 16.0)).astype(np.uint8), mode="L") for image in images]
+
+
+def sklearn_digits() -> tuple[list[PIL.Image.Image], list[PIL.Image.Image]]:
+    """scikit-learn's 1797 handwritten digits (8x8, 17 gray levels) as grayscale images; the last 297 held out."""
+    pil = digits_to_pil(load_sklearn_digits()[0])
     return pil[:-DIGITS_VALIDATION_COUNT], pil[-DIGITS_VALIDATION_COUNT:]
 
 
 __all__ = [
+    "digits_to_pil",
+    "load_sklearn_digits",
     "BUILTIN_DATASETS",
     "GlobalBatchSampler",
     "ImageList",
