@@ -194,6 +194,7 @@ import importlib.util, sys, warnings
 warnings.simplefilter("ignore")
 spec = importlib.util.spec_from_file_location("optvq_evaluate_example", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = module  # a dataclass resolves its annotations through sys.modules
 spec.loader.exec_module(module)
 from accelerate import debug_launcher
 debug_launcher(module.main, args=(sys.argv[2:],), num_processes=2)
