@@ -37,9 +37,9 @@ import statistics
 import sys
 import time
 
-# libgomp's threads spin while they wait for each other; on a machine shared with other busy processes (as where these
-# numbers were taken) a spinning thread holds a core that a descheduled one needs, and every parallel operation then
-# costs milliseconds. Passive waiting, unless the caller chose otherwise (OMP_WAIT_POLICY=ACTIVE is libgomp's default).
+# libgomp's threads spin while they wait for each other; where other processes compete for the cores, a spinning
+# thread holds a core that a descheduled one needs, and every parallel operation then costs milliseconds.
+# Passive waiting, unless the caller chose otherwise (OMP_WAIT_POLICY=ACTIVE is libgomp's default).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch

@@ -14,8 +14,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# One thread per test process: xdist workers already use every core, and on a loaded 2-core machine two intra-op
-# threads made GroupNorm ~1000x slower than one.
+# One thread per test process: xdist workers already use every core, and intra-op threads of tiny models on top of
+# them only wait for each other.
 torch.set_num_threads(1)
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -283,6 +283,7 @@ def test_token_dataset_written_by_tokenize_dataset_trains_the_generator(tokenize
         pixels = np.round(digits.images[i] * (255 / 16)).astype(np.uint8)
         PIL.Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
     tokenize_dataset = load_example("tokenize_dataset")
+    # fmt: skip below: flags and their values on shared lines read better than one item per line.
     written = tokenize_dataset.main(
         ["--tokenizer", str(tokenizer_dir), "--train_data_dir", str(tmp_path / "images"), "--label_column", "label",
          "--order", "head-major", "--vocabulary", "per-head", "--output_dir", str(tmp_path / "tokens"),

@@ -62,8 +62,7 @@ def offline_single_process(monkeypatch, tmp_path, fresh_accelerate_state):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached LPIPS weights: offline, as CI
     for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    # One thread: these models are so small that a second thread only adds synchronisation, which costs seconds per
-    # step on a machine shared with other jobs.
+    # One thread: these models are so small that a second thread only adds synchronisation.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -13,7 +13,7 @@ fake)) / 2`. As in the original OptVQ (and unlike taming-transformers), the disc
 the generator only feels it from `disc_start` on (150,000 steps in every ImageNet config); `disc_train_start`
 delays its training if wanted.
 
-What this module does differently from the original (DESIGN.md section 7), without changing the objective:
+What this module does differently from the original (defects of its training code), without changing the objective:
 
 - The generator pass evaluates the discriminator with detached parameters and on copies of its BatchNorm buffers
   (`torch.func.functional_call`): the logits are the ones the original computes (train-mode batch statistics), but
