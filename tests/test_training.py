@@ -440,6 +440,10 @@ def test_command_line_overrides_every_field(tmp_path):
     # A prefix abbreviation is refused, not read as the field it abbreviates.
     with pytest.raises(ValueError, match="'--model.num_code'; did you mean '--model.num_codes'"):
         train.parse_args(["--config", str(TINY_DEFAULT), "--model.num_code", "5"])
+    with pytest.raises(ValueError, match="learning_rate is NaN"):
+        train.parse_args(["--config", str(TINY_DEFAULT), "--learning_rate", "nan"])
+    with pytest.raises(ValueError, match="model.sinkhorn_epsilon is NaN"):
+        train.parse_args(["--config", str(TINY_DEFAULT), "--model.sinkhorn_epsilon", "nan"])
     with pytest.raises(ValueError, match="'--learning_rat'; did you mean '--learning_rate'"):
         train.parse_args(["--config", str(TINY_DEFAULT), "--learning_rat", "1"])
     with pytest.raises(ValueError, match="does not exist"):

@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import re
 import types
@@ -94,12 +95,18 @@ def coerce(value: Any, hint: Any, name: str) -> Any:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(value):
+                raise ValueError(f"{name} is NaN; give a number")
             return float(value)
         if isinstance(value, str):
             try:
-                return float(value)  # also "1e-4", which YAML 1.1 reads as a string
+                number = float(value)  # also "1e-4", which YAML 1.1 reads as a string
             except ValueError:
                 pass
+            else:
+                if math.isnan(number):
+                    raise ValueError(f"{name} is NaN; give a number")
+                return number
         raise ValueError(f"{name} must be a number, got {value!r}")
     if hint is str:
         if isinstance(value, str):
@@ -284,6 +291,9 @@ def parse_options(
         )
     for section in sections:
         values[section] = section_values[section]
+    for name, value in values.items():  # float("nan") parses, and then passes every `value > limit` check silently
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"{name} is NaN; give a number")
     return cls(**values)
 
 
