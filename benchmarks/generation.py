@@ -24,8 +24,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
@@ -33,6 +31,7 @@ from optvq_hf import OptVQConfig, OptVQModel
 from optvq_hf.digits_metrics import class_accuracy, digits_fd, load_digits_images, train_digits_classifier
 from optvq_hf.generation import TokenGenerator, TokenGeneratorConfig, indices_to_steps, sample_codes, steps_to_indices
 from optvq_hf.metrics import codebook_usage, psnr
+from optvq_hf.training.images import image_grid
 
 CFG_SWEEP = (1.5, 2.0, 3.0)
 
@@ -118,15 +117,8 @@ def generate(generator, tokenizer, cfg_scale, per_class, seed, heads, side):
 def save_grid(images, path, per_class, scale=3, pad=2):
     """One row per class (the first 10 samples of each), cells separated by `pad` grey pixels."""
     columns = min(10, per_class)
-    images = ((images[:, 0] + 1) * 127.5).round().byte().numpy()  # (N, H, W), classes in blocks of per_class
-    height, width = images.shape[1:]
-    grid = np.full((10 * (height + pad) + pad, columns * (width + pad) + pad), 128, dtype=np.uint8)
-    for row in range(10):
-        for column in range(columns):
-            top, left = pad + row * (height + pad), pad + column * (width + pad)
-            grid[top : top + height, left : left + width] = images[row * per_class + column]
-    picture = PIL.Image.fromarray(grid)
-    picture.resize((picture.width * scale, picture.height * scale), PIL.Image.Resampling.NEAREST).save(path)
+    chosen = torch.cat([images[row * per_class : row * per_class + columns] for row in range(10)])
+    image_grid(chosen, columns, pad=pad, scale=scale).save(path)
 
 
 def main():

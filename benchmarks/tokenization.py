@@ -2,11 +2,11 @@
 in DataLoader workers, encode, write Arrow shards) against the model's own eval-mode encode of the same images
 already preprocessed in memory.
 
-    python -m benchmarks.tokenize                       # tiny and default config, CPU (or the GPU if present)
-    python -m benchmarks.tokenize --configs tiny --images 512 --workers 0 1 2
+    python benchmarks/tokenization.py                       # tiny and default config, CPU (or the GPU if present)
+    python benchmarks/tokenization.py --configs tiny --images 512 --workers 0 1 2
 
-Run it with `-m` from the repository root: as `python benchmarks/tokenize.py` this file would shadow the standard
-library's `tokenize` module (its folder goes first on sys.path) and torch would fail to import.
+(Not named `tokenize.py`: in this folder that name would shadow the standard library's `tokenize` module for every
+benchmark run as a script, and torch would fail to import.)
 
 Prints one row per (config, workers): images/s of each (best of --repeats alternated runs) and the ratio
 pipeline / model-only (target >= 90%).
