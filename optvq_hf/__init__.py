@@ -20,10 +20,7 @@ __version__ = "0.1.0"
 def _register_auto_classes() -> None:
     AutoConfig.register("optvq", OptVQConfig, exist_ok=True)
     AutoModel.register(OptVQConfig, OptVQModel, exist_ok=True)
-    try:
-        AutoImageProcessor.register(OptVQConfig, slow_image_processor_class=OptVQImageProcessor, exist_ok=True)
-    except TypeError:  # transformers versions without exist_ok on this method
-        AutoImageProcessor.register(OptVQConfig, slow_image_processor_class=OptVQImageProcessor)
+    AutoImageProcessor.register(OptVQConfig, image_processor_classes={"pil": OptVQImageProcessor}, exist_ok=True)
     # Saved folders carry the code and an auto_map, so that they load with trust_remote_code=True without this package.
     OptVQConfig.register_for_auto_class()
     OptVQModel.register_for_auto_class("AutoModel")

@@ -7,145 +7,235 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict, infer_channel_dimension_format
+from transformers.processing_utils import ImagesKwargs
 
 from .image_modes import to_pil_image
 
 _RESAMPLE = {
-    "nearest": PIL.Image.Resampling.NEAREST,
-    "bilinear": PIL.Image.Resampling.BILINEAR,
-    "bicubic": PIL.Image.Resampling.BICUBIC,
-    "lanczos": PIL.Image.Resampling.LANCZOS,
-    "box": PIL.Image.Resampling.BOX,
+    "nearest": PILImageResampling.NEAREST,
+    "bilinear": PILImageResampling.BILINEAR,
+    "bicubic": PILImageResampling.BICUBIC,
+    "lanczos": PILImageResampling.LANCZOS,
+    "box": PILImageResampling.BOX,
+    "hamming": PILImageResampling.HAMMING,
 }
 
 
-class OptVQImageProcessor(BaseImageProcessor):
+class OptVQImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
-    Prepares images for [`OptVQModel`]: resize so that the shorter side equals `resolution`, center-crop to
-    `resolution` x `resolution`, scale to [-1, 1], return `pixel_values` (B, C, H, W) float32. `postprocess` maps model
-    outputs back to PIL images or uint8 arrays.
-
-    Accepted inputs: a PIL image, a numpy array (H, W, C) or (H, W) (uint8 in [0, 255] or float in [0, 1]), a torch
-    tensor (C, H, W) (uint8, or float in [0, 1]), or a list of those; a torch tensor (B, C, H, W) is a batch.
-
-    Args:
-        resolution (`int`, *optional*, defaults to 256): side of the square output.
-        do_resize (`bool`, *optional*, defaults to `True`): resize the shorter side to `resolution`.
-        do_center_crop (`bool`, *optional*, defaults to `True`): center-crop to `resolution` x `resolution`.
-        resample (`str`, *optional*, defaults to `"bicubic"`): PIL filter for resizing (nearest, bilinear, bicubic,
-            lanczos, box).
-        num_channels (`int`, *optional*, defaults to 3): 3 (images converted to RGB) or 1 (converted to grayscale).
+    num_channels (`int`, *optional*, defaults to 3):
+        3 (images converted to RGB) or 1 (converted to grayscale), the model's `in_channels`.
     """
 
+    num_channels: int
+
+
+def _resample(value: Any) -> Any:
+    """Old configs and scripts name the filter by string ("bicubic"); transformers uses `PILImageResampling`."""
+    if isinstance(value, str):
+        if value.lower() not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)} or a PILImageResampling, got {value!r}")
+        return _RESAMPLE[value.lower()]
+    return value
+
+
+class OptVQImageProcessor(PilBackend):
+    r"""
+    Prepares images for [`OptVQModel`]: resize so that the shorter side equals `size["shortest_edge"]`, center-crop to
+    `crop_size`, scale to [-1, 1] (`rescale_factor` 1/127.5, then mean = std = 1), return `pixel_values`
+    (B, C, H, W) float32. `postprocess` maps model outputs back to PIL images or uint8 arrays.
+
+    Every input (PIL image of any mode, numpy array or torch tensor of any supported dtype, channels-first or -last,
+    see `input_data_format`) first goes through `optvq_hf.image_modes.to_pil_image`, so 16-bit and float images are
+    scaled by their range into 8 bits, never clipped, before the standard pipeline.
+
+    Args:
+        resolution (`int`, *optional*): shorthand for `size={"shortest_edge": resolution}` and
+            `crop_size={"height": resolution, "width": resolution}`; explicit `size` / `crop_size` take precedence.
+        num_channels (`int`, *optional*, defaults to 3): 3 (RGB) or 1 (grayscale).
+        resample (`PILImageResampling` or `str`, *optional*, defaults to bicubic): filter for resizing; strings
+            ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming") are accepted.
+        **kwargs: every standard `ImagesKwargs` (`size`, `crop_size`, `do_resize`, `do_center_crop`, `do_rescale`,
+            `rescale_factor`, `do_normalize`, `image_mean`, `image_std`, `do_convert_rgb`, `return_tensors`, ...).
+    """
+
+    valid_kwargs = OptVQImageProcessorKwargs
     model_input_names = ["pixel_values"]
+
+    resample = PILImageResampling.BICUBIC
+    # Scalars so that the same defaults serve 1- and 3-channel images: (x / 127.5 - 1) / 1.
+    image_mean = 1.0
+    image_std = 1.0
+    size = {"shortest_edge": 256}
+    default_to_square = False
+    crop_size = {"height": 256, "width": 256}
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    rescale_factor = 1 / 127.5
+    do_normalize = True
+    do_convert_rgb = True
+    return_tensors = "pt"
+    num_channels = 3
 
     def __init__(
         self,
-        resolution: int = 256,
-        do_resize: bool = True,
-        do_center_crop: bool = True,
-        resample: str = "bicubic",
-        num_channels: int = 3,
+        resolution: int | None = None,
+        num_channels: int | None = None,
+        resample: Any = None,
         **kwargs,
     ):
+        if resolution is not None:
+            _check_resolution(resolution)
+            kwargs.setdefault("size", {"shortest_edge": resolution})
+            kwargs.setdefault("crop_size", {"height": resolution, "width": resolution})
+        if num_channels is not None:
+            kwargs["num_channels"] = num_channels
+        if resample is not None:
+            kwargs["resample"] = _resample(resample)
+        _check_num_channels(kwargs.get("num_channels", type(self).num_channels))
         super().__init__(**kwargs)
-        if not isinstance(resolution, int) or resolution <= 0:
-            raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
-        if resample not in _RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}")
-        if num_channels not in (1, 3):
-            raise ValueError(f"num_channels must be 1 or 3, got {num_channels!r}")
-        self.resolution = resolution
-        self.do_resize = do_resize
-        self.do_center_crop = do_center_crop
-        self.resample = resample
-        self.num_channels = num_channels
+
+    @property
+    def resolution(self) -> int:
+        """Side of the square output: the crop (or, without center crop, the resized shorter side)."""
+        if self.do_center_crop and self.crop_size is not None and self.crop_size.height == self.crop_size.width:
+            return self.crop_size.height
+        return self.size.shortest_edge
+
+    @resolution.setter
+    def resolution(self, value: int) -> None:
+        _check_resolution(value)
+        self.size = SizeDict(shortest_edge=value)
+        self.crop_size = SizeDict(height=value, width=value)
 
     @classmethod
     def from_model_config(cls, config, **kwargs) -> OptVQImageProcessor:
         """The processor matching an `OptVQConfig` (resolution and channels)."""
         return cls(resolution=config.resolution, num_channels=config.in_channels, **kwargs)
 
-    # -- input conversion ---------------------------------------------------------------------------------------------
-    def _to_pil(self, image: Any) -> PIL.Image.Image:
-        if isinstance(image, PIL.Image.Image):
-            return image
-        if isinstance(image, torch.Tensor):
-            if image.ndim != 3:
-                raise ValueError(f"a tensor image must be (C, H, W), got shape {tuple(image.shape)}")
-            image = image.detach().cpu().permute(1, 2, 0).numpy()
-        if not isinstance(image, np.ndarray):
-            raise ValueError(f"unsupported image type {type(image).__name__}: use PIL images, numpy arrays or tensors")
-        if image.ndim == 3 and image.shape[-1] == 1:
-            image = image[..., 0]
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
-            raise ValueError(
-                f"a numpy image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {image.shape}"
-            )
-        return to_pil_image(image, self.num_channels)  # dtype and value-range rules: optvq_hf.image_modes
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        # Kept for readers of preprocessor_config.json written by earlier versions (size/crop_size are authoritative).
+        output["resolution"] = self.resolution
+        return output
 
-    def _prepare(
-        self, image: Any, resolution: int, do_resize: bool, do_center_crop: bool, resample: str
+    # -- standard pipeline, with OptVQ's input conversion and resize rounding ---------------------------------------
+    def preprocess(self, images: Any, *args, **kwargs) -> BatchFeature:
+        """Convert one image or a batch / list of images to `pixel_values` in [-1, 1]."""
+        if isinstance(images, (list, tuple)) and len(images) == 0:
+            raise ValueError("no images to preprocess")
+        if "resolution" in kwargs:  # call-time shorthand, as in the constructor
+            resolution = kwargs.pop("resolution")
+            _check_resolution(resolution)
+            kwargs.setdefault("size", {"shortest_edge": resolution})
+            kwargs.setdefault("crop_size", {"height": resolution, "width": resolution})
+        if kwargs.get("resample") is not None:
+            kwargs["resample"] = _resample(kwargs["resample"])
+        if kwargs.get("num_channels") is not None:
+            _check_num_channels(kwargs["num_channels"])
+        return super().preprocess(images, *args, **kwargs)
+
+    def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[Any]:
+        """A 4D array / tensor is a batch; a 2D or 3D one, a PIL image, one image; a list, one image per item
+        (grayscale (H, W) arrays included, which transformers' flattening rejects). URLs and paths: standard."""
+        if isinstance(images, (np.ndarray, torch.Tensor)):
+            if images.ndim == 4:
+                return list(images)
+            if images.ndim in (2, 3):
+                return [images]
+            raise ValueError(f"an image batch must be 2D, 3D or 4D (B, ...), got shape {tuple(images.shape)}")
+        if isinstance(images, PIL.Image.Image):
+            return [images]
+        if isinstance(images, (list, tuple)) and not any(isinstance(image, (str, list, tuple)) for image in images):
+            return list(images)
+        if not isinstance(images, (str, list, tuple)):
+            raise ValueError(
+                f"unsupported image type {type(images).__name__}: use PIL images, numpy arrays, torch tensors, "
+                f"paths or URLs"
+            )
+        return super()._prepare_images_structure(images, expected_ndims=expected_ndims)
+
+    def process_image(
+        self,
+        image: Any,
+        do_convert_rgb: bool | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        num_channels: int | None = None,
+        **kwargs,
     ) -> np.ndarray:
-        pil = to_pil_image(self._to_pil(image), self.num_channels)
+        """One input -> uint8 (C, H, W) in the model's channel mode, through `image_modes.to_pil_image`."""
+        num_channels = self.num_channels if num_channels is None else num_channels
+        if isinstance(image, PIL.Image.Image):
+            source_channels = len(image.getbands())
+        else:
+            if isinstance(image, torch.Tensor):
+                image = image.detach().cpu()
+                image = (image.float() if image.dtype == torch.bfloat16 else image).numpy()
+            if not isinstance(image, np.ndarray):
+                raise ValueError(
+                    f"unsupported image type {type(image).__name__}: use PIL images, numpy arrays or torch tensors"
+                )
+            if image.ndim == 3:
+                try:
+                    data_format = (
+                        infer_channel_dimension_format(image, num_channels=(1, 3, 4))
+                        if input_data_format is None
+                        else ChannelDimension(input_data_format)
+                    )
+                except ValueError as error:
+                    raise ValueError(
+                        f"an image must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4, got shape {image.shape}"
+                    ) from error
+                if data_format == ChannelDimension.FIRST:
+                    image = np.moveaxis(image, 0, -1)
+                if image.shape[-1] == 1:
+                    image = image[..., 0]
+            if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
+                raise ValueError(
+                    f"an image must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4, got shape {image.shape}"
+                )
+            source_channels = 1 if image.ndim == 2 else image.shape[-1]
+        if not do_convert_rgb and source_channels != num_channels:
+            raise ValueError(
+                f"do_convert_rgb=False but the image has {source_channels} channels and the processor expects "
+                f"num_channels={num_channels}; pass do_convert_rgb=True to convert it"
+            )
+        pil = to_pil_image(image, num_channels)  # dtype and value-range rules: optvq_hf.image_modes
         if min(pil.size) == 0:
             raise ValueError(f"image of size {pil.size[0]}x{pil.size[1]} has no pixels")
-        if do_resize:
-            width, height = pil.size
-            scale = resolution / min(width, height)
-            new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-            pil = pil.resize(new_size, resample=_RESAMPLE[resample])
-        if do_center_crop:
-            width, height = pil.size
-            if width < resolution or height < resolution:
-                raise ValueError(
-                    f"image of size {width}x{height} is smaller than the crop {resolution}x{resolution}; "
-                    f"enable do_resize"
-                )
-            left, top = (width - resolution) // 2, (height - resolution) // 2
-            pil = pil.crop((left, top, left + resolution, top + resolution))
-        array = np.asarray(pil, dtype=np.float32)
-        if array.ndim == 2:
-            array = array[..., None]
-        return array.transpose(2, 0, 1) / 127.5 - 1.0
+        array = np.asarray(pil)
+        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
-    # -- public API ---------------------------------------------------------------------------------------------------
-    def preprocess(
-        self,
-        images: Any,
-        return_tensors: str | None = "pt",
-        resolution: int | None = None,
-        do_resize: bool | None = None,
-        do_center_crop: bool | None = None,
-        resample: str | None = None,
-        **kwargs,
-    ) -> BatchFeature:
-        """Convert one image or a list of images to `pixel_values` in [-1, 1]."""
-        if kwargs:
-            raise ValueError(f"unknown preprocess argument(s): {sorted(kwargs)}")
-        resolution = self.resolution if resolution is None else resolution
-        do_resize = self.do_resize if do_resize is None else do_resize
-        do_center_crop = self.do_center_crop if do_center_crop is None else do_center_crop
-        resample = self.resample if resample is None else resample
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            images = list(images)
-        elif isinstance(images, np.ndarray) and images.ndim == 4:
-            images = list(images)
-        elif not isinstance(images, (list, tuple)):
-            images = [images]
-        if len(images) == 0:
-            raise ValueError("no images to preprocess")
-        arrays = [self._prepare(image, resolution, do_resize, do_center_crop, resample) for image in images]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise ValueError(f"images have different sizes after preprocessing {sorted(shapes)}; enable center crop")
-        pixel_values = np.stack(arrays).astype(np.float32)
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+    def resize(self, image: np.ndarray, size: SizeDict, resample: Any = None, **kwargs) -> np.ndarray:
+        """Shortest-edge resize with the long side rounded (transformers truncates it); other sizes: standard."""
+        resample = _resample(resample) if resample is not None else self.resample
+        if size.shortest_edge and not size.longest_edge and image.dtype == np.uint8:
+            if not isinstance(resample, int):
+                raise ValueError(f"resample must be a PILImageResampling for this processor, got {resample!r}")
+            channels, height, width = image.shape
+            target = size.shortest_edge
+            scale = target / min(height, width)
+            new_size = (max(target, round(width * scale)), max(target, round(height * scale)))
+            pil = PIL.Image.fromarray(image[0] if channels == 1 else image.transpose(1, 2, 0))
+            out = np.asarray(pil.resize(new_size, resample=resample))
+            return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+        return super().resize(image, size, resample=resample, **kwargs)
 
-    def __call__(self, images: Any, **kwargs) -> BatchFeature:
-        return self.preprocess(images, **kwargs)
+    def center_crop(self, image: np.ndarray, size: SizeDict, **kwargs) -> np.ndarray:
+        """Standard center crop, but an image smaller than the crop is an error, not silently zero-padded."""
+        height, width = image.shape[-2:]
+        if size.height is not None and size.width is not None and (height < size.height or width < size.width):
+            raise ValueError(
+                f"image of size {width}x{height} is smaller than the crop {size.width}x{size.height}; "
+                f"enable do_resize or lower crop_size"
+            )
+        return super().center_crop(image, size, **kwargs)
 
+    # -- model outputs -> images --------------------------------------------------------------------------------------
     def postprocess(
         self, pixel_values: torch.Tensor | np.ndarray, output_type: str = "pil"
     ) -> list[PIL.Image.Image] | np.ndarray:
@@ -165,6 +255,16 @@ class OptVQImageProcessor(BaseImageProcessor):
         if output_type == "np":
             return images
         return [PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in images]
+
+
+def _check_resolution(resolution: Any) -> None:
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution <= 0:
+        raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
+
+
+def _check_num_channels(num_channels: Any) -> None:
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 or 3, got {num_channels!r}")
 
 
 __all__ = ["OptVQImageProcessor"]

@@ -1,11 +1,17 @@
 """OptVQImageProcessor: inputs of every kind -> pixel_values in [-1, 1], and back to images."""
 
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from transformers import AutoImageProcessor
+from transformers.image_utils import PILImageResampling, SizeDict
 
 from optvq_hf import OptVQConfig, OptVQImageProcessor
+
+REFERENCE = Path(__file__).parent / "fixtures" / "image_processor_reference.npz"
 
 
 def gradient_image(width: int = 64, height: int = 48) -> np.ndarray:
@@ -79,7 +85,10 @@ def test_save_and_load(tmp_path):
     )
     processor.save_pretrained(tmp_path)
     loaded = OptVQImageProcessor.from_pretrained(tmp_path)
-    assert (loaded.resolution, loaded.num_channels, loaded.resample) == (32, 3, "bicubic")
+    assert (loaded.resolution, loaded.num_channels, loaded.resample) == (32, 3, PILImageResampling.BICUBIC)
+    assert loaded.size == SizeDict(shortest_edge=32) and loaded.crop_size == SizeDict(height=32, width=32)
+    auto = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(auto) is OptVQImageProcessor and auto.resolution == 32
 
 
 @pytest.mark.parametrize(
@@ -89,7 +98,8 @@ def test_save_and_load(tmp_path):
         (np.full((8, 8, 3), np.nan, dtype=np.float32), "finite values"),
         (np.zeros((8, 8, 5), dtype=np.uint8), "shape"),
         (np.zeros((8, 8, 3), dtype=np.int64), "dtype|ambiguous"),
-        ("not an image", "unsupported image type"),
+        (42, "unsupported image type"),
+        ([np.zeros((8, 8, 3), dtype=np.uint8), 42], "unsupported image type"),
         ([], "no images"),
     ],
 )
@@ -117,3 +127,88 @@ def test_sixteen_bit_and_float_images_are_scaled_by_their_range_not_clipped():
     assert np.allclose(processor(as_float)["pixel_values"].numpy(), round(0.25 * 255) / 127.5 - 1.0, atol=1e-6)
     with pytest.raises(ValueError, match="no pixels"):
         processor(PIL.Image.new("RGB", (0, 5)))
+
+
+def reference_inputs() -> dict[str, np.ndarray]:
+    """The inputs of tests/fixtures/image_processor_reference.npz (outputs of the processor this one replaced)."""
+    rng = np.random.default_rng(1234)
+    cases = {}
+    for width, height in [(40, 30), (17, 23), (64, 64), (24, 24), (100, 33), (31, 57)]:
+        cases[f"rgb_{width}x{height}"] = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    cases["rgba_45x29"] = rng.integers(0, 256, size=(29, 45, 4), dtype=np.uint8)
+    cases["gray_33x26"] = rng.integers(0, 256, size=(26, 33), dtype=np.uint8)
+    return cases
+
+
+@pytest.mark.parametrize("resolution", [16, 24])
+def test_pixel_values_bit_identical_to_the_previous_processor(resolution):
+    reference = np.load(REFERENCE)
+    cases = reference_inputs()
+    processor = OptVQImageProcessor(resolution=resolution)
+    for name, array in cases.items():
+        image = PIL.Image.fromarray(array, "RGBA") if array.ndim == 3 and array.shape[-1] == 4 else None
+        image = PIL.Image.fromarray(array) if image is None else image
+        for suffix, source in (("", image), ("_np", array)):
+            out = processor(source, return_tensors="np")["pixel_values"][0]
+            expected = reference[f"{name}_r{resolution}{suffix}"]
+            assert out.dtype == expected.dtype == np.float32 and np.array_equal(out, expected), name + suffix
+    gray = OptVQImageProcessor(resolution=resolution, num_channels=1)
+    out = gray(PIL.Image.fromarray(cases["rgb_40x30"]), return_tensors="np")["pixel_values"][0]
+    assert np.array_equal(out, reference[f"gray1_r{resolution}"])
+
+
+def test_shortest_edge_resize_rounds_the_long_side():
+    # 17x23 -> shorter side 16: 23 * 16 / 17 = 21.65 -> 22 columns (transformers' default truncates to 21).
+    processor = OptVQImageProcessor(resolution=16, do_center_crop=False)
+    assert processor(np.zeros((23, 17, 3), dtype=np.uint8))["pixel_values"].shape == (1, 3, 22, 16)
+
+
+def test_standard_kwargs():
+    array = gradient_image(40, 30)
+    processor = OptVQImageProcessor(resolution=16)
+    base = processor(array)["pixel_values"]
+    # Hand-worked: no rescale / normalize gives the uint8 values, no resize + crop of 16x16 the central pixels.
+    raw = processor(array, do_rescale=False, do_normalize=False)["pixel_values"]
+    assert raw.dtype == torch.uint8 and torch.equal(raw.float() / 127.5 - 1, base)
+    crop = processor(array, do_resize=False, crop_size={"height": 10, "width": 12})["pixel_values"][0]
+    expected = torch.from_numpy(array[10:20, 14:26]).permute(2, 0, 1).float() / 127.5 - 1
+    assert torch.equal(crop, expected)
+    unit = processor(array, rescale_factor=1 / 255, do_normalize=False)["pixel_values"]
+    assert torch.allclose(unit, (base + 1) / 2, atol=1e-6)
+    centred = processor(array, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], rescale_factor=1 / 255)
+    assert torch.allclose(centred["pixel_values"], base, atol=1e-6)
+    assert processor(array, size={"shortest_edge": 20}, crop_size=20)["pixel_values"].shape == (1, 3, 20, 20)
+    assert processor(array, do_center_crop=False)["pixel_values"].shape == (1, 3, 16, 21)  # 40 * 16 / 30 = 21.3
+    assert processor(array, size={"height": 8, "width": 12}, do_center_crop=False)["pixel_values"].shape[2:] == (8, 12)
+    assert isinstance(processor(array, return_tensors="np")["pixel_values"], np.ndarray)
+    assert processor(array, resample="nearest")["pixel_values"].shape == base.shape
+    with pytest.raises(ValueError, match="do_convert_rgb"):
+        processor(np.zeros((8, 8, 4), dtype=np.uint8), do_convert_rgb=False)
+    assert torch.equal(processor(array, do_convert_rgb=False)["pixel_values"], base)
+
+
+def test_channel_layouts_with_input_data_format():
+    array = gradient_image(40, 30)
+    processor = OptVQImageProcessor(resolution=16)
+    base = processor(array)["pixel_values"]
+    channels_first = np.ascontiguousarray(array.transpose(2, 0, 1))
+    assert torch.equal(processor(channels_first, input_data_format="channels_first")["pixel_values"], base)
+    assert torch.equal(processor(channels_first)["pixel_values"], base)  # inferred
+    channels_last = torch.from_numpy(array)
+    assert torch.equal(processor(channels_last, input_data_format="channels_last")["pixel_values"], base)
+    # Ambiguous (3, 4, 3): the stated layout decides.
+    tiny = np.arange(36, dtype=np.uint8).reshape(3, 4, 3)
+    last = OptVQImageProcessor(resolution=3, do_resize=False)(tiny, input_data_format="channels_last")
+    assert last["pixel_values"].shape == (1, 3, 3, 3)
+
+
+def test_resolution_shorthand_and_setter():
+    processor = OptVQImageProcessor(resolution=12, size={"shortest_edge": 14})
+    assert processor.size == SizeDict(shortest_edge=14) and processor.crop_size == SizeDict(height=12, width=12)
+    processor.resolution = 8
+    assert processor(gradient_image())["pixel_values"].shape == (1, 3, 8, 8)
+    assert processor(gradient_image(), resolution=4)["pixel_values"].shape == (1, 3, 4, 4)
+    with pytest.raises(ValueError, match="resolution"):
+        OptVQImageProcessor(resolution=0)
+    with pytest.raises(ValueError, match="num_channels"):
+        OptVQImageProcessor(num_channels=2)
