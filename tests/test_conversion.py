@@ -580,3 +580,47 @@ def test_cli_help_errors_and_dry_run(tmp_path, capsys):
     assert "would upload" in out and "to my-org/optvq-tiny" in out
     assert "model.safetensors" in out and "config.json" in out and "README.md" in out
     assert "# my-org/optvq-tiny" in (tmp_path / "b" / "README.md").read_text()
+
+
+# -- latent widths that are not a multiple of 32 ---------------------------------------------------------------------
+@pytest.mark.parametrize("z_channels", [16, 48])
+def test_latent_channels_not_a_multiple_of_32_convert_and_match_the_original(z_channels):
+    """The original's z_channels is free (its GroupNorms see only `ch` multiples): 16 and 48 convert and match."""
+    from optvq_hf.conversion.convert import build_model
+
+    backbone = dict(
+        double_z=False,
+        z_channels=z_channels,
+        resolution=16,
+        in_channels=3,
+        out_ch=3,
+        ch=32,
+        ch_mult=[1, 2],
+        num_res_blocks=1,
+        attn_resolutions=[8],
+        dropout=0.0,
+    )
+    block = {
+        "target": "optvq.models.vqgan.VQModel",
+        "params": {
+            "encoder": {"target": "optvq.models.backbone.diffusion.Encoder", "params": dict(backbone)},
+            "decoder": {"target": "optvq.models.backbone.diffusion.Decoder", "params": dict(backbone)},
+            "quantize": {
+                "target": "optvq.models.quantizer.VectorQuantizerSinkhorn",
+                "params": dict(n_e=64, e_dim=z_channels, num_head=2, use_prob=False, loss_q_type="l2", beta=0.25),
+            },
+        },
+    }
+    spec = spec_from_autoencoder_block(block, source="z_channels test")
+    config = spec.to_optvq_config()
+    assert config.latent_channels == z_channels and config.embed_dim == z_channels
+    shapes = original_parameter_shapes(spec)
+    assert shapes["encoder.conv_out.weight"] == (z_channels, 64, 3, 3)
+    assert shapes["decoder.conv_in.weight"] == (64, z_channels, 3, 3)
+    assert shapes["quantize.embedding.weight"] == (64, z_channels // 2)
+    weights = split_and_check(random_original_state_dict(spec, seed=1), spec, "random")
+    model = build_model(spec, weights, "nearest")
+    assert model.config.latent_channels == z_channels
+    report = verify_conversion(model, spec, weights.model, batch_size=2, image_size=16, tolerance=1e-4)
+    assert report.passed, report.table()
+    assert all(check.value < 1e-4 for check in report.checks if isinstance(check.value, float))
