@@ -24,24 +24,17 @@ checkpoint (a random-weight model says nothing about reconstruction quality).
 
 from __future__ import annotations
 
-import os
+import argparse
+import importlib
+import math
 import sys
 
-# Run as a script, this folder comes first on sys.path, and its tokenize.py would shadow the standard library's
-# (imported by inspect / linecache under numpy and torch).
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import importlib  # noqa: E402
-import math  # noqa: E402
-
-import numpy as np  # noqa: E402
-import PIL.Image  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from optvq_hf import OptVQImageProcessor  # noqa: E402
+from optvq_hf import OptVQImageProcessor
 
 # Colour photos and grayscale photos of scikit-image that ship in its wheel (no download).
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "camera", "moon", "page")
