@@ -184,16 +184,217 @@ def _sinkhorn_indices(kernel: _LogKernel, num_codes, iterations, distributed, de
     return indices
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The exp-domain solver: the default in eager mode
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-kernel entries below _LOG_FLOOR are clamped to it before exponentiation, so every kernel entry is a normal
+# float32 number (exp with subnormal results is several times slower on CPU). A float32 product of a kernel entry and
+# a weight in [0, 1] then misstates its term by less than 2^-125 (a clamped entry, an underflowing product), and in no
+# other way beyond rounding. A guarded mass is trusted when all its terms together cannot misstate it by more than
+# 2^-30 of (mass + guard), far below float32 rounding; a row's argmax is trusted when its winning product is far above
+# anything an underflow can produce. When anything is not trusted, the batch is solved again in the log domain.
+_LOG_FLOOR = -87.0
+_LOG_LOST_TERM = -125 * math.log(2.0)
+_LOG_TRUSTED_SHARE = -30 * math.log(2.0)
+_ARGMAX_FLOOR = 2.0**-100
+
+# On CPU the elementwise work runs on row tiles of at most this many entries (4 MiB), which stay in the cache across
+# the several operations on a tile; a GPU takes tiles of `chunk_size` rows.
+CPU_TILE_ENTRIES = 2**20
+GPU_TILE_ENTRIES = 2**26
+
+
+class _Distances:
+    """
+    Euclidean distances by row tiles with `torch.cdist`'s own arithmetic (one product of the rows and codes augmented
+    with their squared norms, then clamp and sqrt), written into a given buffer: the values of `torch.cdist` whatever
+    the tiling (tested), without its (N, K) temporaries.
+    """
+
+    def __init__(self, rows: torch.Tensor, codes: torch.Tensor):
+        self.rows = torch.cat([rows.mul(-2), rows.pow(2).sum(-1, keepdim=True), rows.new_ones(rows.shape[0], 1)], 1)
+        self.codes = torch.cat([codes, codes.new_ones(codes.shape[0], 1), codes.pow(2).sum(-1, keepdim=True)], 1)
+
+    def product(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """The squared distances of rows [start, stop), unclamped (`finish` makes them distances)."""
+        return torch.matmul(self.rows[start:stop], self.codes.T, out=out)
+
+    @staticmethod
+    def finish(squared: torch.Tensor) -> torch.Tensor:
+        return squared.clamp_min_(1e-30).sqrt_()
+
+    def tile(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.product(start, stop, out))
+
+
+def _distance_statistics(tiles, spare: torch.Tensor, num_rows: int, num_codes: int, distributed: bool):
+    """
+    One pass over the distance tiles: the row minima r_i, the code shifts b_k = min_i (D_ik - r_i) and the minimum of
+    all distances of all ranks, and their unbiased standard deviation: per tile its float32 sum and squared deviations
+    from its own mean, combined exactly in float64 (no catastrophic cancellation; torch's `std` of the whole matrix
+    up to rounding). Each tile is left holding D_ik - r_i.
+    """
+    device = spare.device
+    row_min = spare.new_empty(num_rows)
+    code_shift = spare.new_full((num_codes,), math.inf)
+    per_tile = []
+    for start, stop, tile in tiles:
+        count, tile_sum = tile.numel(), tile.sum()
+        deviations = torch.sub(tile, tile_sum / count, out=spare[: stop - start]).view(-1)
+        per_tile.append(torch.stack([tile_sum.new_tensor(count), tile_sum, torch.dot(deviations, deviations)]))
+        torch.amin(tile, dim=1, out=row_min[start:stop])
+        torch.minimum(code_shift, tile.sub_(row_min[start:stop, None]).amin(dim=0), out=code_shift)
+    stats = torch.stack(per_tile).double() if per_tile else torch.zeros(1, 3, dtype=torch.float64, device=device)
+    counts, sums = stats[:, 0], stats[:, 1]
+    means = sums / counts.clamp_min(1)
+    # the sums of the counts, of the sums, of count * mean^2 and of the squared deviations within the tiles
+    totals = torch.stack([counts.sum(), sums.sum(), (counts * means * means).sum(), stats[:, 2].sum()])
+    minimum = row_min.min() if num_rows else spare.new_tensor(math.inf)
+    if distributed:
+        _all_reduce(totals)
+        extremes = _all_reduce(torch.cat([minimum.reshape(1), code_shift]), dist.ReduceOp.MIN)
+        minimum, code_shift = extremes[0], extremes[1:]
+    count, total, between, within = totals.unbind()
+    mean = total / count.clamp_min(1)
+    std = ((within + between - count * mean * mean).clamp_min(0) / (count - 1).clamp_min(1)).sqrt().float()
+    return row_min, code_shift, minimum, std
+
+
+def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_rows, distributed, streaming):
+    """
+    The original's guarded iterations, each half-step one float32 matrix-vector product over the kernel.
+
+    With the log-kernel A = -s * D + s * m (s the scale of the normalisation, m = min D for "all", else 0), the
+    kernel is stored shifted, E_ik = exp(-s * (D_ik - r_i - b_k)) <= 1 (row minima r, code shifts b: every row and
+    every column has an entry 1, which keeps as many entries as possible inside float32's range), made once; the
+    shifts go into float64 log-potentials, the plan being Q_ik = E_ik exp(f_i + g_k). A code's mass is exp(g_k + F)
+    sum_i E_ik exp(f_i - F) (F = max f), a row's likewise, and the guard enters as log(mass + guard) =
+    logaddexp(log mass, log guard), as in `_sinkhorn_indices`.
+
+    Returns the indices and a 0-d bool tensor saying whether every mass and every argmax was trusted (the certificate
+    above). Nothing waits on the host.
+    """
+    device = rows.device
+    num_rows, num_codes = rows.shape[0], codes.shape[0]
+    log_guard = math.log(GUARD)
+    distances = _Distances(rows, codes)
+    ranges = [(start, min(start + tile_rows, num_rows)) for start in range(0, num_rows, tile_rows)]
+    matrix = None if streaming else rows.new_empty(num_rows, num_codes)
+    scratch = rows.new_empty(max(1, min(tile_rows, num_rows)), num_codes)
+    spare = rows.new_empty(scratch.shape) if streaming else scratch
+
+    def distance_tiles():
+        if not streaming:  # one matrix product (fastest), finished tile by tile
+            distances.product(0, num_rows, matrix)
+        for start, stop in ranges:
+            if streaming:
+                yield start, stop, distances.tile(start, stop, scratch[: stop - start])
+            else:
+                yield start, stop, distances.finish(matrix[start:stop])
+
+    row_min, code_shift, minimum, std = _distance_statistics(distance_tiles(), spare, num_rows, num_codes, distributed)
+    scale = torch.tensor(float(epsilon), device=device)
+    if normalization == "dim":
+        scale = scale / math.sqrt(codes.shape[1])
+    elif normalization == "all":  # D' = (D - mean) / (std + 1e-6) - min(...) = (D - min D) / (std + 1e-6)
+        scale = scale / (std + 1e-6)
+    negative_scale = -scale
+    scaled_shift = code_shift * scale
+    reference = minimum if normalization == "all" else torch.zeros_like(minimum)
+    row_shift = (row_min - reference).double() * negative_scale.double()  # A_ik = log E_ik + row_shift_i + code_i
+    code = code_shift.double() * negative_scale.double()
+
+    def kernel_tiles(make: bool = False):
+        """The kernel: made tile by tile on the first pass (`make`), then the whole matrix (one matrix-vector
+        product: fewest operations); streaming, every pass remakes each tile from the features."""
+        if not streaming and not make:
+            yield 0, num_rows, matrix
+            return
+        for start, stop in ranges:
+            tile = scratch[: stop - start] if streaming else matrix[start:stop]  # holds D - r once made
+            if streaming:
+                distances.tile(start, stop, tile).sub_(row_min[start:stop, None])
+            # -s * (D - r - b) in one operation: s * b + (D - r) * (-s)
+            torch.addcmul(scaled_shift, tile, negative_scale, out=tile)
+            yield start, stop, tile.clamp_(min=_LOG_FLOOR).exp_()
+
+    total_rows = torch.tensor(float(num_rows), dtype=torch.float64, device=device)
+    if distributed:
+        _all_reduce(total_rows)
+    log_rows, log_codes = total_rows.log(), math.log(num_codes)
+    untrusted = torch.zeros((), dtype=torch.bool, device=device)
+
+    def largest(values: torch.Tensor) -> torch.Tensor:
+        local = values.max() if values.numel() else values.new_tensor(-math.inf)
+        return _all_reduce(local.reshape(1).clone(), dist.ReduceOp.MAX)[0] if distributed else local
+
+    def column_sums(row_potential: torch.Tensor, make: bool = False):
+        """log sum_i E_ik exp(f_i - F) over the rows of all ranks, and F."""
+        top = largest(row_potential)
+        weights = (row_potential - top).exp().float()
+        sums = torch.zeros(num_codes, dtype=torch.float64, device=device)
+        for start, stop, tile in kernel_tiles(make):
+            sums += torch.mv(tile.T, weights[start:stop])
+        if distributed:
+            _all_reduce(sums)
+        return sums.log(), top
+
+    def guarded_update(potential, log_scale, log_sum, log_terms, log_count):
+        """potential - log(mass + guard) - log(count), mass = exp(log_scale) * (a float32 sum of exp(log_terms)
+        products, whose log is `log_sum`); flags the masses that underflow could misstate."""
+        nonlocal untrusted
+        guarded = _guarded_log(log_scale + log_sum, log_guard)
+        untrusted |= (log_scale + log_terms + _LOG_LOST_TERM > guarded + _LOG_TRUSTED_SHARE).any()
+        return potential - guarded - log_count
+
+    # The first pass makes the kernel and, from the uniform start f_i = -log(T + guard) + row_shift_i, sums the
+    # columns; they give the total mass T itself (always trusted: its largest term is exp(max A) times 1).
+    log_columns, top = column_sums(row_shift, make=True)
+    start_potential = -_guarded_log(torch.logsumexp(log_columns + code, 0) + top, log_guard)
+    row, row_top = row_shift + start_potential, top + start_potential
+    for iteration in range(iterations):
+        if iteration > 0:
+            code_top = largest(code)
+            weights = (code - code_top).exp().float()
+            row_sums = torch.cat([torch.mv(tile, weights) for _, _, tile in kernel_tiles()]).double()
+            row = guarded_update(row, row + code_top, row_sums.log(), log_codes, log_rows)
+            log_columns, row_top = column_sums(row)
+        code = guarded_update(code, code + row_top, log_columns, log_rows, log_codes)
+    code_weights = (code - largest(code)).exp().float()
+    indices = torch.empty(num_rows, dtype=torch.long, device=device)
+    # The argmax is the kernel's last use: each tile is scaled in place (cache-sized tiles, also when materialised).
+    tiles = kernel_tiles(make=True) if streaming else ((s, e, matrix[s:e]) for s, e in ranges)
+    for start, stop, tile in tiles:
+        winners = torch.argmax(tile.mul_(code_weights), dim=1)  # faster than max(dim) with its values
+        indices[start:stop] = winners
+        untrusted |= (tile.gather(1, winners[:, None]) < _ARGMAX_FLOOR).any()
+    return indices, ~untrusted
+
+
+def _tile_rows(num_codes: int, chunk_size: int, device: torch.device) -> int:
+    """Rows per tile: at most `chunk_size`; on CPU few enough that a tile stays in the cache (CPU_TILE_ENTRIES), on a
+    GPU few enough to bound the memory beyond the (N, K) matrix (GPU_TILE_ENTRIES)."""
+    entries = min(CPU_TILE_ENTRIES, TILE_ENTRIES) if device.type == "cpu" else max(GPU_TILE_ENTRIES, TILE_ENTRIES)
+    return max(1, min(chunk_size, entries // num_codes))
+
+
 def nearest_codes(rows: torch.Tensor, codes: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """
     Index (N,) of the nearest code of each row (Euclidean): argmin_k ||c_k||^2 - 2 r.c_k, the squared distance less
-    the row's own norm (same argmin; no sqrt or clamp over the (N, K) matrix), by chunks of `chunk_size` rows.
+    the row's own norm (same argmin; no sqrt or clamp over the (N, K) matrix), by row tiles written into one reused
+    buffer (at most `chunk_size` rows; on CPU, cache-sized).
     """
-    out = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
-    code_norms = codes.pow(2).sum(1)
-    for start in range(0, rows.shape[0], chunk_size):
-        block = rows[start : start + chunk_size]
-        out[start : start + chunk_size] = torch.addmm(code_norms, block, codes.T, alpha=-2).argmin(dim=1)
+    num_rows, num_codes = rows.shape[0], codes.shape[0]
+    out = torch.empty(num_rows, dtype=torch.long, device=rows.device)
+    if num_rows == 0:
+        return out
+    tile_rows = min(_tile_rows(num_codes, chunk_size, rows.device), num_rows)
+    code_norms, codes_t = codes.pow(2).sum(1), codes.T
+    buffer = rows.new_empty(tile_rows, num_codes)
+    for start in range(0, num_rows, tile_rows):
+        stop = min(start + tile_rows, num_rows)
+        scores = torch.addmm(code_norms, rows[start:stop], codes_t, alpha=-2, out=buffer[: stop - start])
+        torch.argmin(scores, dim=1, out=out[start:stop])
     return out
 
 
@@ -226,8 +427,23 @@ def sinkhorn_codes(
         return torch.empty(0, dtype=torch.long, device=rows.device)
     if streaming is None:
         streaming = num_rows * num_codes * 4 > STREAMING_MIN_BYTES
-    kernel = _LogKernel(rows, codes, epsilon, cost_normalization, chunk_size, distributed, bool(streaming))
-    return _sinkhorn_indices(kernel, num_codes, int(iterations), distributed, rows.device)
+    streaming, iterations = bool(streaming), int(iterations)
+    if not _traced():
+        tile_rows = _tile_rows(num_codes, chunk_size, rows.device)
+        indices, trusted = _exp_domain_indices(
+            rows, codes, epsilon, iterations, cost_normalization, tile_rows, distributed, streaming
+        )
+        if distributed:  # every rank takes the same path
+            trusted = _all_reduce(trusted.to(torch.int32).reshape(1), dist.ReduceOp.MIN)[0]
+        if bool(trusted):  # the solver's one host synchronisation, after its iterations
+            return indices
+    kernel = _LogKernel(rows, codes, epsilon, cost_normalization, chunk_size, distributed, streaming)
+    return _sinkhorn_indices(kernel, num_codes, iterations, distributed, rows.device)
+
+
+def _traced() -> bool:
+    """Under torch.compile, export or tracing, which cannot capture the exp domain's data-dependent fallback."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def distributed_group_active() -> bool:
