@@ -1,24 +1,24 @@
-"""How far this package's resize (PIL bicubic) is from the original OptVQ evaluation resize (OpenCV bilinear).
+"""How far this package's default resize (PIL bicubic) is from the original OptVQ evaluation resize (OpenCV bilinear).
 
 The original evaluates ImageNet with albumentations `SmallestMaxSize(max_size=256)` (default interpolation
 `cv2.INTER_LINEAR`) then `CenterCrop(256, 256)`, on the uint8 RGB array of the photo (src/optvq/data/preprocessor.py
 `imagenet_preprocessor(is_train=False)`, src/optvq/data/dataset.py `ImageNetDataset.__getitem__`), then x / 255
-normalised with mean 0.5, std 0.5. `OptVQImageProcessor` resizes the shorter side with PIL bicubic, which filters
-over the scaled support when downscaling (antialiased), while `cv2.INTER_LINEAR` samples 2x2 neighbours at half-pixel
-centres whatever the scale (no antialiasing).
+normalised with mean 0.5, std 0.5. `OptVQImageProcessor` resizes the shorter side with PIL bicubic by default, which
+filters over the scaled support when downscaling (antialiased), while `cv2.INTER_LINEAR` samples 2x2 neighbours at
+half-pixel centres whatever the scale (no antialiasing); `OptVQImageProcessor(resample="opencv_bilinear")` uses
+`optvq_hf.opencv_resize`, a numpy transcription of OpenCV's fixed-point INTER_LINEAR.
 
-For each scikit-image sample photo at its native size (shorter side 300 - 1024 pixels, close to ImageNet's), both
-protocols give a 256 x 256 uint8 image (same output size rule, same crop offsets); the table gives their mean and
-max absolute difference in [0, 255] levels and the PSNR between them (peak 255). OpenCV INTER_LINEAR is emulated
-with `torch.nn.functional.interpolate(mode="bilinear", align_corners=False, antialias=False)` rounded to uint8; with
-`--cv2-path` pointing at an installed opencv-python(-headless), the emulation is compared with `cv2.resize` itself
-(OpenCV uses 11-bit fixed-point weights for uint8, so up to 1 level of difference is expected), and so is
-`opencv_linear_fixed`, a transcription of OpenCV's integer arithmetic.
+For each scikit-image sample photo at its native size (shorter side 300 - 1024 pixels, close to ImageNet's), the
+original protocol is rebuilt here from albumentations' rules (`output_size`, `center_crop` below) with the package's
+transcription, or with `cv2.resize` itself given `--cv2-path` to an installed opencv-python(-headless). Columns:
+mean and max absolute difference in [0, 255] levels and PSNR (peak 255) between the default processor's 256 x 256
+uint8 image and the original protocol's; the max difference of `resample="opencv_bilinear"` (0: the same image);
+with `--cv2-path`, the transcription against `cv2.resize` (max difference, share of differing values).
 
 Only input-level differences are measured: what this does to reconstruction PSNR needs a converted released
 checkpoint (a random-weight model says nothing about reconstruction quality).
 
-    python benchmarks/resize.py
+    OMP_NUM_THREADS=1 python benchmarks/resize.py
     pip install --target /tmp/cv2site opencv-python-headless && python benchmarks/resize.py --cv2-path /tmp/cv2site
 """
 
@@ -31,10 +31,9 @@ import sys
 
 import numpy as np
 import PIL.Image
-import torch
-import torch.nn.functional as F
 
 from optvq_hf import OptVQImageProcessor
+from optvq_hf.opencv_resize import opencv_bilinear_resize
 
 # Colour photos and grayscale photos of scikit-image that ship in its wheel (no download).
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina", "camera", "moon", "page")
@@ -43,58 +42,26 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "r
 def output_size(height: int, width: int, side: int) -> tuple[int, int]:
     """albumentations SmallestMaxSize: both sides scaled by side / shorter, rounded (Python round)."""
     scale = side / min(height, width)
-    return max(side, round(height * scale)), max(side, round(width * scale))
+    return round(height * scale), round(width * scale)
 
 
 def center_crop(array: np.ndarray, side: int) -> np.ndarray:
-    """albumentations CenterCrop: offsets (H - side) // 2 and (W - side) // 2 (the processor uses the same)."""
+    """albumentations CenterCrop: offsets (H - side) // 2 and (W - side) // 2."""
     top, left = (array.shape[0] - side) // 2, (array.shape[1] - side) // 2
     return array[top : top + side, left : left + side]
 
 
-def opencv_linear(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """`cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)` for uint8 HWC, without OpenCV."""
-    pixels = torch.from_numpy(array).permute(2, 0, 1)[None].double()
-    resized = F.interpolate(pixels, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
-    return resized[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def _opencv_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """OpenCV's linear taps: float32 source positions, weights in 11-bit fixed point (INTER_RESIZE_COEF_SCALE)."""
-    position = ((np.arange(target) + 0.5) * (source / target) - 0.5).astype(np.float32).astype(np.float64)
-    first = np.floor(position).astype(np.int64)
-    fraction = (position - first).astype(np.float32)
-    fraction[first < 0], first[first < 0] = 0, 0
-    beyond = first >= source - 1
-    fraction[beyond], first[beyond] = 0, source - 1
-    weight0 = np.round((np.float32(1) - fraction) * np.float32(2048)).astype(np.int64)
-    return first, np.minimum(first + 1, source - 1), weight0, 2048 - weight0
-
-
-def opencv_linear_fixed(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    """INTER_LINEAR in OpenCV's integer arithmetic (vectorised uint8 vertical pass: >> 4, >> 16, then +2 >> 2)."""
-    x0, x1, a0, a1 = _opencv_taps(array.shape[1], width)
-    y0, y1, b0, b1 = _opencv_taps(array.shape[0], height)
-    pixels = array.astype(np.int64)
-    rows = pixels[:, x0] * a0[None, :, None] + pixels[:, x1] * a1[None, :, None]
-    b0, b1 = b0[:, None, None], b1[:, None, None]
-    out = (((b0 * (rows[y0] >> 4)) >> 16) + ((b1 * (rows[y1] >> 4)) >> 16) + 2) >> 2
-    return np.clip(out, 0, 255).astype(np.uint8)
-
-
-def original_protocol(array: np.ndarray, side: int, cv2=None, fixed: bool = False) -> np.ndarray:
+def original_protocol(array: np.ndarray, side: int, cv2=None) -> np.ndarray:
     height, width = output_size(*array.shape[:2], side)
     if cv2 is not None:
         resized = cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)
-    elif fixed:
-        resized = opencv_linear_fixed(array, height, width)
     else:
-        resized = opencv_linear(array, height, width)
+        resized = opencv_bilinear_resize(array, height, width)
     return center_crop(resized, side)
 
 
-def package_protocol(array: np.ndarray, side: int) -> np.ndarray:
-    processor = OptVQImageProcessor(resolution=side)
+def package_protocol(array: np.ndarray, side: int, resample: str = "bicubic") -> np.ndarray:
+    processor = OptVQImageProcessor(resolution=side, resample=resample)
     pixels = processor(PIL.Image.fromarray(array), return_tensors="np")["pixel_values"][0]
     return np.round((pixels.transpose(1, 2, 0) + 1.0) * 127.5).astype(np.uint8)
 
@@ -123,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cv2-path",
         default=None,
-        help="a folder holding an installed opencv-python(-headless), to check the emulation",
+        help="a folder holding an installed opencv-python(-headless), to check the transcription against it",
     )
     args = parser.parse_args(argv)
     cv2 = None
@@ -132,31 +99,31 @@ def main(argv: list[str] | None = None) -> None:
         cv2 = importlib.import_module("cv2")
         print(f"OpenCV {cv2.__version__} from {cv2.__file__}")
 
-    header = f"{'photo':<22}{'size':>11}  {'bicubic vs cv2-linear: mean':>28}{'max':>5}{'PSNR dB':>9}"
+    header = f"{'photo':<22}{'size':>11}  {'bicubic vs original: mean':>26}{'max':>5}{'PSNR dB':>9}"
+    header += f"  {'opencv_bilinear: max':>20}"
     if cv2 is not None:
-        header += (
-            f"  {'torch emulation vs cv2: max':>28}{'differing':>11}  {'fixed-point vs cv2: max':>24}{'differing':>11}"
-        )
+        header += f"  {'transcription vs cv2: max':>26}{'differing':>11}"
     print(header)
-    totals, psnrs, emulation_max = [], [], 0
+    totals, psnrs, largest_any, option_max, transcription_max = [], [], 0, 0, 0
     for name in args.photos:
         array = load_photo(name)
         reference = original_protocol(array, args.side, cv2)
-        ours = package_protocol(array, args.side)
-        mean, largest, psnr = compare(ours, reference)
+        mean, largest, psnr = compare(package_protocol(array, args.side), reference)
         totals.append(mean)
         psnrs.append(psnr)
-        line = f"{name:<22}{array.shape[1]:>5}x{array.shape[0]:<5}  {mean:>28.3f}{largest:>5}{psnr:>9.2f}"
+        largest_any = max(largest_any, largest)
+        option = compare(package_protocol(array, args.side, "opencv_bilinear"), reference)[1]
+        option_max = max(option_max, option)
+        line = f"{name:<22}{array.shape[1]:>5}x{array.shape[0]:<5}  {mean:>26.3f}{largest:>5}{psnr:>9.2f}{option:>22}"
         if cv2 is not None:
-            for fixed in (False, True):
-                emulated = original_protocol(array, args.side, fixed=fixed)
-                e_max = compare(emulated, reference)[1]
-                emulation_max = max(emulation_max, e_max)
-                line += f"  {e_max:>{24 if fixed else 28}}{np.mean(emulated != reference):>10.3%}"
+            transcribed = original_protocol(array, args.side)
+            t_max = compare(transcribed, reference)[1]
+            transcription_max = max(transcription_max, t_max)
+            line += f"  {t_max:>26}{np.mean(transcribed != reference):>10.3%}"
         print(line)
-    print(f"{'mean':<22}{'':>11}  {np.mean(totals):>28.3f}{'':>5}{np.mean(psnrs):>9.2f}")
+    print(f"{'mean':<22}{'':>11}  {np.mean(totals):>26.3f}{largest_any:>5}{np.mean(psnrs):>9.2f}{option_max:>22}")
     if cv2 is not None:
-        print(f"emulations vs cv2.resize INTER_LINEAR: at most {emulation_max} level(s)")
+        print(f"transcription vs cv2.resize INTER_LINEAR: at most {transcription_max} level(s)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import PIL.Image
@@ -13,6 +13,10 @@ from transformers.image_utils import ChannelDimension, PILImageResampling, SizeD
 from transformers.processing_utils import ImagesKwargs
 
 from .image_modes import to_pil_image
+from .opencv_resize import opencv_bilinear_resize
+
+# The original's evaluation resize (albumentations SmallestMaxSize: OpenCV INTER_LINEAR on uint8), not a PIL filter.
+OPENCV_BILINEAR = "opencv_bilinear"
 
 _RESAMPLE = {
     "nearest": PILImageResampling.NEAREST,
@@ -24,22 +28,42 @@ _RESAMPLE = {
 }
 
 
+def _resample(value: Any) -> Any:
+    """PIL filters by name ("bicubic", as old configs and scripts write them) become `PILImageResampling`;
+    "opencv_bilinear" stays a string (it is not a PIL filter)."""
+    if isinstance(value, str):
+        name = value.lower()
+        if name == OPENCV_BILINEAR:
+            return OPENCV_BILINEAR
+        if name not in _RESAMPLE:
+            raise ValueError(
+                f"resample must be one of {sorted(_RESAMPLE) + [OPENCV_BILINEAR]} or a PILImageResampling, "
+                f"got {value!r}"
+            )
+        return _RESAMPLE[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in set(PILImageResampling):
+        raise ValueError(
+            f"resample must be one of {sorted(_RESAMPLE) + [OPENCV_BILINEAR]} or a PILImageResampling, got {value!r}"
+        )
+    return value
+
+
+def _validate_resample(value: Any) -> None:
+    """Call-time validator of the `resample` kwarg (transformers' own accepts only PIL filters)."""
+    if value is not None:
+        _resample(value)
+
+
 class OptVQImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     num_channels (`int`, *optional*, defaults to 3):
         3 (images converted to RGB) or 1 (converted to grayscale), the model's `in_channels`.
+    resample (`PILImageResampling`, `int` or `str`, *optional*):
+        a PIL filter, by value or by name, or "opencv_bilinear" (see `OptVQImageProcessor`).
     """
 
     num_channels: int
-
-
-def _resample(value: Any) -> Any:
-    """Old configs and scripts name the filter by string ("bicubic"); transformers uses `PILImageResampling`."""
-    if isinstance(value, str):
-        if value.lower() not in _RESAMPLE:
-            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)} or a PILImageResampling, got {value!r}")
-        return _RESAMPLE[value.lower()]
-    return value
+    resample: Annotated[PILImageResampling | int | str | None, _validate_resample]
 
 
 class OptVQImageProcessor(PilBackend):
@@ -52,12 +76,25 @@ class OptVQImageProcessor(PilBackend):
     see `input_data_format`) first goes through `optvq_hf.image_modes.to_pil_image`, so 16-bit and float images are
     scaled by their range into 8 bits, never clipped, before the standard pipeline.
 
+    The shortest-edge resize makes the shorter side `size["shortest_edge"]` and the longer one
+    `round(longer * shortest_edge / shorter)` (Python's round, half to even; transformers would truncate), the rule
+    of albumentations' `SmallestMaxSize`; the center crop takes offsets `(H - h) // 2` and `(W - w) // 2`, as
+    albumentations' `CenterCrop`. So `resample="opencv_bilinear"` with the default 256 reproduces the original OptVQ
+    evaluation protocol, albumentations `SmallestMaxSize(256)` (interpolation `cv2.INTER_LINEAR`, its default) then
+    `CenterCrop(256, 256)` on the uint8 image, then x / 255 normalised with mean = std = 0.5: the same uint8 crop,
+    bit for bit, and the same float32 values. The default, PIL bicubic, low-pass filters when downscaling; OpenCV's
+    INTER_LINEAR reads 2 x 2 pixels whatever the scale and aliases more (`benchmarks/resize.py` measures the
+    difference). Use "opencv_bilinear" to compare with numbers measured by the original code.
+
     Args:
         resolution (`int`, *optional*): shorthand for `size={"shortest_edge": resolution}` and
             `crop_size={"height": resolution, "width": resolution}`; explicit `size` / `crop_size` take precedence.
         num_channels (`int`, *optional*, defaults to 3): 3 (RGB) or 1 (grayscale).
-        resample (`PILImageResampling` or `str`, *optional*, defaults to bicubic): filter for resizing; strings
-            ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming") are accepted.
+        resample (`PILImageResampling` or `str`, *optional*, defaults to bicubic): filter for resizing; PIL filters
+            by name ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming") are accepted, and
+            `"opencv_bilinear"`: `cv2.resize(..., interpolation=cv2.INTER_LINEAR)` reproduced bit for bit in numpy
+            (`optvq_hf.opencv_resize`, no OpenCV needed), for `size={"shortest_edge": n}` or
+            `size={"height": h, "width": w}`. Saved as this string in preprocessor_config.json.
         **kwargs: every standard `ImagesKwargs` (`size`, `crop_size`, `do_resize`, `do_center_crop`, `do_rescale`,
             `rescale_factor`, `do_normalize`, `image_mean`, `image_std`, `do_convert_rgb`, `return_tensors`, ...).
     """
@@ -211,19 +248,29 @@ class OptVQImageProcessor(PilBackend):
         return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
     def resize(self, image: np.ndarray, size: SizeDict, resample: Any = None, **kwargs) -> np.ndarray:
-        """Shortest-edge resize with the long side rounded (transformers truncates it); other sizes: standard."""
-        resample = _resample(resample) if resample is not None else self.resample
+        """Shortest-edge resize with the long side rounded (transformers truncates it); "opencv_bilinear" for
+        shortest-edge and (height, width) sizes; other sizes: standard."""
+        resample = _resample(self.resample if resample is None else resample)
+        channels, height, width = image.shape
         if size.shortest_edge and not size.longest_edge and image.dtype == np.uint8:
-            if not isinstance(resample, int):
-                raise ValueError(f"resample must be a PILImageResampling for this processor, got {resample!r}")
-            channels, height, width = image.shape
             target = size.shortest_edge
             scale = target / min(height, width)
-            new_size = (max(target, round(width * scale)), max(target, round(height * scale)))
-            pil = PIL.Image.fromarray(image[0] if channels == 1 else image.transpose(1, 2, 0))
-            out = np.asarray(pil.resize(new_size, resample=resample))
-            return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
-        return super().resize(image, size, resample=resample, **kwargs)
+            new_height, new_width = max(target, round(height * scale)), max(target, round(width * scale))
+        elif resample == OPENCV_BILINEAR and size.height and size.width and not size.shortest_edge:
+            new_height, new_width = size.height, size.width
+        elif resample == OPENCV_BILINEAR:
+            raise ValueError(
+                f"resample='opencv_bilinear' needs size={{'shortest_edge': n}} or {{'height': h, 'width': w}} and "
+                f"a uint8 image, got {size} and a {image.dtype} image"
+            )
+        else:
+            return super().resize(image, size, resample=resample, **kwargs)
+        pixels = image[0] if channels == 1 else image.transpose(1, 2, 0)  # (H, W) or (H, W, C)
+        if resample == OPENCV_BILINEAR:
+            out = opencv_bilinear_resize(pixels, new_height, new_width)
+        else:
+            out = np.asarray(PIL.Image.fromarray(pixels).resize((new_width, new_height), resample=resample))
+        return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
 
     def center_crop(self, image: np.ndarray, size: SizeDict, **kwargs) -> np.ndarray:
         """Standard center crop, but an image smaller than the crop is an error, not silently zero-padded."""

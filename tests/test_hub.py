@@ -353,6 +353,7 @@ def test_saved_folder_carries_only_the_inference_files(tmp_path):
         "image_modes.py",
         "image_processing_optvq.py",
         "modeling_optvq.py",
+        "opencv_resize.py",
         "quantization.py",
         "tokens.py",
     ]

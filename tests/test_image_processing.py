@@ -1,5 +1,6 @@
 """OptVQImageProcessor: inputs of every kind -> pixel_values in [-1, 1], and back to images."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ from transformers import AutoImageProcessor
 from transformers.image_utils import PILImageResampling, SizeDict
 
 from optvq_hf import OptVQConfig, OptVQImageProcessor
+from optvq_hf.image_modes import to_pil_image
+from optvq_hf.opencv_resize import opencv_bilinear_resize
 
 REFERENCE = Path(__file__).parent / "fixtures" / "image_processor_reference.npz"
 
@@ -212,3 +215,63 @@ def test_resolution_shorthand_and_setter():
         OptVQImageProcessor(resolution=0)
     with pytest.raises(ValueError, match="num_channels"):
         OptVQImageProcessor(num_channels=2)
+
+
+@pytest.mark.parametrize("num_channels", [3, 1])
+def test_opencv_bilinear_is_the_transcription_then_crop_then_scale(num_channels):
+    # 40 x 30 -> shorter side 16: 40 * 16 / 30 = 21.33 -> 21 columns (albumentations' SmallestMaxSize rounds the
+    # same way); center crop 16: left (21 - 16) // 2 = 2, top 0; then x / 127.5 - 1.
+    array = np.random.default_rng(3).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    source = np.asarray(to_pil_image(array, num_channels))  # the processor's channel conversion (image_modes)
+    processor = OptVQImageProcessor(resolution=16, num_channels=num_channels, resample="opencv_bilinear")
+    out = processor(array, return_tensors="np")["pixel_values"][0]
+    resized = opencv_bilinear_resize(source, 16, 21)
+    crop = resized[:, 2:18].reshape(16, 16, num_channels).transpose(2, 0, 1)
+    assert out.shape == (num_channels, 16, 16)
+    assert np.allclose(out, crop.astype(np.float64) / 127.5 - 1, atol=1e-6)
+    assert np.array_equal(np.round((out.astype(np.float64) + 1) * 127.5).astype(np.uint8), crop)
+    # The original's float values too: (image / 255).astype(float32), then torchvision Normalize(0.5, 0.5) in float32.
+    original = ((crop / 255).astype(np.float32) - np.float32(0.5)) / np.float32(0.5)
+    assert np.array_equal(out, original)
+    # The same option at call time, and a real change from the default bicubic.
+    assert np.array_equal(
+        OptVQImageProcessor(resolution=16, num_channels=num_channels)(
+            array, resample="opencv_bilinear", return_tensors="np"
+        )["pixel_values"][0],
+        out,
+    )
+    default = OptVQImageProcessor(resolution=16, num_channels=num_channels)(array, return_tensors="np")
+    assert not np.array_equal(default["pixel_values"][0], out)
+    # An explicit (height, width) size resizes to exactly that, with the same transcription.
+    exact = processor(array, size={"height": 12, "width": 20}, do_center_crop=False, return_tensors="np")
+    expected = opencv_bilinear_resize(source, 12, 20).reshape(12, 20, num_channels).transpose(2, 0, 1)
+    assert np.allclose(exact["pixel_values"][0], expected / 127.5 - 1, atol=1e-6)
+
+
+def test_opencv_bilinear_round_trips_through_save_and_load(tmp_path):
+    processor = OptVQImageProcessor(resolution=16, resample="opencv_bilinear")
+    assert processor.resample == "opencv_bilinear" and processor.to_dict()["resample"] == "opencv_bilinear"
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["resample"] == "opencv_bilinear"
+    array = np.random.default_rng(4).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    expected = processor(array)["pixel_values"]
+    for loaded in (OptVQImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
+        assert type(loaded) is OptVQImageProcessor and loaded.resample == "opencv_bilinear"
+        assert loaded.to_dict() == processor.to_dict()
+        assert torch.equal(loaded(array)["pixel_values"], expected)
+    assert OptVQImageProcessor.from_dict(processor.to_dict()).resample == "opencv_bilinear"
+
+
+def test_bad_resample_lists_the_options():
+    options = r"\['bicubic', 'bilinear', 'box', 'hamming', 'lanczos', 'nearest', 'opencv_bilinear'\]"
+    with pytest.raises(ValueError, match=options + " or a PILImageResampling, got 'opencv'"):
+        OptVQImageProcessor(resample="opencv")
+    with pytest.raises(ValueError, match=options):
+        OptVQImageProcessor(resolution=8)(np.zeros((8, 8, 3), dtype=np.uint8), resample="cv2")
+    with pytest.raises(ValueError, match=options):
+        OptVQImageProcessor(resample=17)
+    with pytest.raises(ValueError, match="opencv_bilinear.*shortest_edge"):
+        OptVQImageProcessor(resample="opencv_bilinear", size={"shortest_edge": 8, "longest_edge": 12})(
+            np.zeros((8, 10, 3), dtype=np.uint8), do_center_crop=False
+        )
