@@ -2,11 +2,14 @@
 
 Compares, in one run and on the same inputs:
 
-- `optvq`: this package's `SinkhornQuantizer` (materialised: one (N, K) matrix),
+- `optvq`: this package's `SinkhornQuantizer` (materialised: one (N, K) matrix; the exp-domain solver, one
+  matrix-vector product per half-step, with its underflow certificate),
 - `optvq-stream`: the same in streaming mode (no (N, K) matrix; tiles recomputed on every pass),
-- `optvq-compiled`: the same with the solver's iterations under `torch.compile`,
-- `previous` (only with --methods): the exp-domain solver with underflow certificate that this one replaced, loaded
-  from git (`git show 2ed03b4:optvq_hf/assignment.py`), skipped outside a git checkout,
+- `log-domain`: the plain log-domain solver (the exact fallback, and what `torch.compile` traces), eager,
+- `log-compiled`: the same with its iterations under `torch.compile`,
+- `previous` (only with --methods): an earlier, guard-free exp-domain solver (not the original's algorithm: it
+  drops the +1e-8 guards), loaded from git (`git show 2ed03b4:optvq_hf/assignment.py`), skipped outside a git
+  checkout,
 - `original`: the original OptVQ algorithm, `optvq_hf.conversion.original_reference.original_sinkhorn` (its
   transcription: cdist, (D - mean) / (std + 1e-6), minus the min, exp, 5 in-place scaling iterations with the +1e-8
   guards, argmax), the baseline the paper's users run,
@@ -56,7 +59,7 @@ from optvq_hf.conversion.original_reference import original_sinkhorn
 
 HEADS = 4
 DEFAULT_SIZES = ["4096,1024,64", "16384,4096,64", "32768,16384,64"]
-METHODS = ["original", "optvq", "optvq-compiled", "optvq-stream", "nearest", "vq-pytorch"]
+METHODS = ["original", "optvq", "optvq-stream", "log-domain", "log-compiled", "nearest", "vq-pytorch"]
 EXTRA_METHODS = ["previous"]  # on request: the solver this one replaced
 
 
@@ -96,22 +99,25 @@ class PreviousSinkhornQuantizer(SinkhornQuantizer):
         )
 
 
-class CompiledSinkhornQuantizer(SinkhornQuantizer):
-    """This package's quantizer with the solver's iterations compiled."""
+class LogDomainSinkhornQuantizer(SinkhornQuantizer):
+    """This package's quantizer with its plain log-domain solver (the exact fallback, and the solver that
+    torch.compile traces), eager or with its iterations compiled."""
 
+    compiled = False
     iterations_compiled = None
 
     def sinkhorn_codes(self, rows, codes, distributed):
         import optvq_hf.assignment as assignment
 
-        if CompiledSinkhornQuantizer.iterations_compiled is None:
-            CompiledSinkhornQuantizer.iterations_compiled = torch.compile(assignment._sinkhorn_indices)
+        solve = assignment._sinkhorn_indices
+        if self.compiled:
+            if LogDomainSinkhornQuantizer.iterations_compiled is None:
+                LogDomainSinkhornQuantizer.iterations_compiled = torch.compile(assignment._sinkhorn_indices)
+            solve = LogDomainSinkhornQuantizer.iterations_compiled
         kernel = assignment._LogKernel(
             rows, codes, self.epsilon, self.cost_normalization, self.chunk_size, distributed, False
         )
-        return CompiledSinkhornQuantizer.iterations_compiled(
-            kernel, codes.shape[0], self.iterations, distributed, rows.device
-        )
+        return solve(kernel, codes.shape[0], self.iterations, distributed, rows.device)
 
 
 class OriginalSinkhornQuantizer(nn.Module):
@@ -169,8 +175,9 @@ def build(method: str, num_codes: int, code_dim: int, device: torch.device) -> n
         module = OriginalSinkhornQuantizer(num_codes, embed_dim, HEADS)
     elif method in ("optvq", "optvq-stream"):
         module = SinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=method == "optvq-stream")
-    elif method == "optvq-compiled":
-        module = CompiledSinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=False)
+    elif method in ("log-domain", "log-compiled"):
+        module = LogDomainSinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=False)
+        module.compiled = method == "log-compiled"
     elif method == "previous":
         PreviousSinkhornQuantizer.solver = PreviousSinkhornQuantizer.solver or previous_solver()
         module = PreviousSinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=False)
@@ -189,7 +196,7 @@ def build(method: str, num_codes: int, code_dim: int, device: torch.device) -> n
         )
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    if method in ("optvq", "optvq-stream", "optvq-compiled", "previous", "original"):
+    if method in ("optvq", "optvq-stream", "log-domain", "log-compiled", "previous", "original"):
         module.load_state_dict(reference)
     return module.to(device).train()
 
@@ -221,7 +228,8 @@ def estimated_peak_bytes(method: str, num_rows: int, num_codes: int) -> float:
         "original": 4.5,
         "vq-pytorch": 4.0,
         "optvq": 1.1,
-        "optvq-compiled": 1.1,
+        "log-domain": 1.1,
+        "log-compiled": 1.1,
         "previous": 1.1,
         "optvq-stream": 0.05,
         "nearest": 0.3,
@@ -464,7 +472,7 @@ def run(args) -> None:
         print(
             f"N={num_rows} K={num_codes} d={code_dim}: limit {limit * 1e3:.1f} ms = GEMM {gemm * 1e3:.1f} ms + "
             f"10 x one pass over (N, K) (matrix-vector product) {one_pass * 1e3:.1f} ms; "
-            + ", ".join(f"{m} {times[m] / limit:.2f}x limit" for m in fitting if m.startswith(("optvq", "previous")))
+            + ", ".join(f"{m} {times[m] / limit:.2f}x limit" for m in fitting if m.startswith(("optvq", "log", "previous")))
         )
         peaks = {}
         if not args.no_memory:
@@ -477,7 +485,7 @@ def run(args) -> None:
         reference = comparable_indices("optvq", indices["optvq"]) if "optvq" in indices else None
         for method in fitting:
             same = "-"
-            if reference is not None and method in ("original", "optvq-stream", "optvq-compiled", "previous"):
+            if reference is not None and method in ("original", "optvq-stream", "log-domain", "log-compiled", "previous"):
                 same = f"{(comparable_indices(method, indices[method]) == reference).float().mean().item():.4%}"
             rows.append(
                 (

@@ -35,6 +35,9 @@ def test_paper_sized_codebook_equals_the_guarded_float64_formulas():
     rows, codes = features_and_codes(4096, 16384, 8, seed=0)
     expected = original_indices(rows, codes)
     assert torch.equal(solve(rows, codes), expected)
+    for streaming in (False, True):  # the exp domain alone, without its fallback
+        indices, trusted = exp_domain(rows, codes, streaming=streaming, tile_rows=333)
+        assert trusted and torch.equal(indices, expected)
     assert int((original_indices(rows, codes, guard=0.0) != expected).sum()) == 54
 
 
@@ -90,6 +93,80 @@ def test_iteration_counts_and_chunk_sizes(iterations):
         for streaming in (False, True):
             indices = solve(rows, codes, chunk_size=chunk_size, iterations=iterations, streaming=streaming)
             assert torch.equal(indices, expected)
+
+
+def exp_domain(rows, codes, epsilon=10.0, mode="all", streaming=False, tile_rows=4096):
+    """The exp-domain solver alone: (indices, trusted), without the log-domain fallback."""
+    indices, trusted = assignment._exp_domain_indices(rows, codes, epsilon, 5, mode, tile_rows, False, streaming)
+    return indices, bool(trusted)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(
+    ("num_rows", "num_codes", "code_dim", "feature_scale"),
+    [(2048, 1024, 64, 1.0), (2048, 1024, 64, 3.0), (2048, 1024, 16, 0.1), (999, 300, 16, 1.0)],
+)
+def test_the_exp_domain_alone_is_exact_on_model_like_features(num_rows, num_codes, code_dim, feature_scale, streaming):
+    # The fast path must not lean on its fallback: on features like a model's (at initialisation, shrunk, spread,
+    # far from the codebook), at the paper's codebook size too, it vouches for every mass and argmax, and is exact.
+    rows, codes = features_and_codes(num_rows, num_codes, code_dim, seed=code_dim)
+    rows = rows * feature_scale
+    indices, trusted = exp_domain(rows, codes, streaming=streaming, tile_rows=333)
+    assert trusted
+    assert torch.equal(indices, original_indices(rows, codes))
+
+
+def test_untrusted_batches_are_solved_again_in_the_log_domain(monkeypatch):
+    # Rows and codes far from everything: e^-87 clamping and underflow could misstate masses, the certificate says so,
+    # and the batch is solved exactly in the log domain (where the original's own float32 gets 3 rows wrong).
+    rows, codes = features_and_codes(800, 128, 16, seed=2, outliers=True)
+    assert not exp_domain(rows, codes, epsilon=20.0)[1]
+    fallbacks = []
+    log_domain = assignment._sinkhorn_indices
+    monkeypatch.setattr(assignment, "_sinkhorn_indices", lambda *args: fallbacks.append(1) or log_domain(*args))
+    assert torch.equal(solve(rows, codes, epsilon=20.0), original_indices(rows, codes, epsilon=20.0))
+    assert fallbacks == [1]
+    solve(*features_and_codes(800, 128, 16, seed=2), epsilon=20.0)
+    assert fallbacks == [1]  # a trusted batch is solved once
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that copy a tensor's value to the host (`.item()`, `bool()`, `.tolist()`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_the_solver_reads_one_value_on_the_host_after_its_iterations(streaming):
+    rows, codes = features_and_codes(512, 64, 8, seed=3)
+    with HostReads() as reads:
+        assignment._exp_domain_indices(rows, codes, 10.0, 5, "all", 100, False, streaming)
+    assert reads.count == 0
+    with HostReads() as reads:
+        solve(rows, codes, streaming=streaming)
+    assert reads.count == 1  # whether the certificate vouched for the batch
+
+
+@pytest.mark.parametrize(("num_rows", "tile_rows"), [(300, 300), (300, 7), (1000, 128)])
+def test_distance_tiles_equal_cdist(num_rows, tile_rows):
+    rows, codes = features_and_codes(num_rows, 257, 64, seed=num_rows)
+    distances = assignment._Distances(rows, codes)
+    whole = distances.finish(distances.product(0, num_rows, torch.empty(num_rows, 257)))
+    tiles = torch.cat(
+        [
+            distances.tile(s, min(s + tile_rows, num_rows), torch.empty(min(tile_rows, num_rows - s), 257))
+            for s in range(0, num_rows, tile_rows)
+        ]
+    )
+    assert torch.equal(whole, torch.cdist(rows, codes))
+    assert torch.equal(tiles, whole)
 
 
 def test_the_solver_compiles_without_graph_breaks_in_its_iterations():
