@@ -171,15 +171,18 @@ def step_ratio(args, device: torch.device) -> None:
     """Training step with quantizer_type "optvq" against "vq": same weights, same batch, interleaved."""
     for config_name in args.configs:
         batch = args.batch or (8 if device.type == "cuda" else (1 if config_name == "default" else 8))
-        models, optimizers = {}, {}
+        models, optimizers, weights = {}, {}, None
         for quantizer_type in ("optvq", "vq"):
             torch.manual_seed(0)
             model = OptVQModel(OptVQConfig(**CONFIGS[config_name], quantizer_type=quantizer_type)).to(device).train()
-            if quantizer_type == "vq":
-                model.load_state_dict(models["optvq"].state_dict())
+            if weights is None:
+                weights = model.state_dict()
+            model.load_state_dict(weights)
+            # Compiled whole, the quantizer included: in training mode its Sinkhorn solver is the traced log-domain
+            # one (the exp domain's fallback is data-dependent control flow).
             models[quantizer_type] = torch.compile(model) if args.compile else model
             optimizers[quantizer_type] = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        size = models["optvq"].config.resolution if not args.compile else models["optvq"]._orig_mod.config.resolution
+        size = OptVQConfig(**CONFIGS[config_name]).resolution
         images = torch.rand(batch, 3, size, size, device=device) * 2 - 1
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
         times = {name: [] for name in models}

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from optvq_hf import SinkhornQuantizer
+from optvq_hf.assignment import _exp_domain_indices
 
 pytestmark = pytest.mark.slow
 
@@ -23,14 +24,19 @@ def free_port() -> int:
 
 def make_inputs(mode: str):
     torch.manual_seed(0)
+    untrusted = mode == "all-untrusted"
+    mode = "all" if untrusted else mode
     quantizer = SinkhornQuantizer(64, 32, num_heads=4, cost_normalization=mode, chunk_size=50).train()
     # Ranks hold different distributions, so that local statistics would give a different assignment.
     z = torch.cat([torch.randn(4, 32, 4, 4) * 0.5, torch.randn(4, 32, 4, 4) * 2.0 + 1.0])
+    if untrusted:  # a kernel so peaked that the exp domain cannot vouch for it: every rank must fall back together
+        quantizer.epsilon = 100.0
     return quantizer, z
 
 
-# (cost normalisation, streaming): the materialised and the streaming solver.
-CASES = [("all", False), ("all", True), ("dim", False)]
+# (cost normalisation, streaming): the materialised and the streaming solver, and a batch the exp domain cannot
+# vouch for (solved again in the log domain).
+CASES = [("all", False), ("all", True), ("dim", False), ("all-untrusted", False)]
 
 
 def worker(rank: int, port: int, results: dict) -> None:
@@ -61,6 +67,11 @@ def test_two_ranks_equal_one_process(mode, spread, two_rank_results):
     quantizer, z = make_inputs(mode)
     quantizer.streaming = spread
     whole = quantizer(z).indices
+    rows = z.permute(0, 2, 3, 1).reshape(-1, 8)
+    trusted = _exp_domain_indices(
+        rows, quantizer.codebook().detach(), quantizer.epsilon, 5, "all" if "all" in mode else mode, 50, False, spread
+    )[1]
+    assert bool(trusted) == (mode != "all-untrusted")
     results = {rank: two_rank_results[(rank, mode, spread)] for rank in range(WORLD_SIZE)}
     split = torch.cat([results[rank][0] for rank in range(WORLD_SIZE)])
     assert torch.equal(split, whole)
