@@ -60,7 +60,9 @@ from optvq_hf.conversion.original_reference import original_sinkhorn
 HEADS = 4
 DEFAULT_SIZES = ["4096,1024,64", "16384,4096,64", "32768,16384,64"]
 METHODS = ["original", "optvq", "optvq-stream", "log-domain", "log-compiled", "nearest", "vq-pytorch"]
-EXTRA_METHODS = ["previous"]  # on request: the solver this one replaced
+EXTRA_METHODS = ["previous"]  # on request: an earlier, guard-free solver
+SOLVER_PREFIXES = ("optvq", "log", "previous")
+COMPARED_WITH_OPTVQ = ("original", "optvq-stream", "log-domain", "log-compiled", "previous")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -472,7 +474,7 @@ def run(args) -> None:
         print(
             f"N={num_rows} K={num_codes} d={code_dim}: limit {limit * 1e3:.1f} ms = GEMM {gemm * 1e3:.1f} ms + "
             f"10 x one pass over (N, K) (matrix-vector product) {one_pass * 1e3:.1f} ms; "
-            + ", ".join(f"{m} {times[m] / limit:.2f}x limit" for m in fitting if m.startswith(("optvq", "log", "previous")))
+            + ", ".join(f"{m} {times[m] / limit:.2f}x limit" for m in fitting if m.startswith(SOLVER_PREFIXES))
         )
         peaks = {}
         if not args.no_memory:
@@ -485,7 +487,7 @@ def run(args) -> None:
         reference = comparable_indices("optvq", indices["optvq"]) if "optvq" in indices else None
         for method in fitting:
             same = "-"
-            if reference is not None and method in ("original", "optvq-stream", "log-domain", "log-compiled", "previous"):
+            if reference is not None and method in COMPARED_WITH_OPTVQ:
                 same = f"{(comparable_indices(method, indices[method]) == reference).float().mean().item():.4%}"
             rows.append(
                 (
