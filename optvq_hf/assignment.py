@@ -374,7 +374,7 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
 def _tile_rows(num_codes: int, chunk_size: int, device: torch.device) -> int:
     """Rows per tile: at most `chunk_size`; on CPU few enough that a tile stays in the cache (CPU_TILE_ENTRIES), on a
     GPU few enough to bound the memory beyond the (N, K) matrix (GPU_TILE_ENTRIES)."""
-    entries = min(CPU_TILE_ENTRIES, TILE_ENTRIES) if device.type == "cpu" else max(GPU_TILE_ENTRIES, TILE_ENTRIES)
+    entries = min(CPU_TILE_ENTRIES, TILE_ENTRIES) if device.type == "cpu" else GPU_TILE_ENTRIES
     return max(1, min(chunk_size, entries // num_codes))
 
 
@@ -417,8 +417,12 @@ def sinkhorn_codes(
     16,384 codes most codes start with a mass far below 1e-8, so the guard caps how much they are scaled up. It is
     part of the algorithm (dropping it changes 2-4% of the indices at the paper's sizes).
 
-    Memory: one (N, K) float32 matrix (the log-kernel) plus tiles of `TILE_ENTRIES`; with `streaming` (or
-    automatically above `STREAMING_MIN_BYTES`) no (N, K) matrix: each tile is recomputed from the features.
+    Solver: in eager mode the exp domain (`_exp_domain_indices`: the kernel exponentiated once, one matrix-vector
+    product per half-step), whose underflow certificate sends a batch it cannot vouch for to the exact log-domain
+    solver (`_sinkhorn_indices`); under torch.compile / export / tracing the log-domain solver alone. Same indices.
+
+    Memory: one (N, K) float32 matrix (the kernel) plus one tile; with `streaming` (or automatically above
+    `STREAMING_MIN_BYTES`) no (N, K) matrix: each tile is recomputed from the features on every pass.
     """
     if cost_normalization not in COST_NORMALIZATIONS:
         raise ValueError(f"cost_normalization must be one of {COST_NORMALIZATIONS}, got {cost_normalization!r}")
@@ -428,7 +432,7 @@ def sinkhorn_codes(
     if streaming is None:
         streaming = num_rows * num_codes * 4 > STREAMING_MIN_BYTES
     streaming, iterations = bool(streaming), int(iterations)
-    if not _traced():
+    if not traced():
         tile_rows = _tile_rows(num_codes, chunk_size, rows.device)
         indices, trusted = _exp_domain_indices(
             rows, codes, epsilon, iterations, cost_normalization, tile_rows, distributed, streaming
@@ -441,8 +445,9 @@ def sinkhorn_codes(
     return _sinkhorn_indices(kernel, num_codes, iterations, distributed, rows.device)
 
 
-def _traced() -> bool:
-    """Under torch.compile, export or tracing, which cannot capture the exp domain's data-dependent fallback."""
+def traced() -> bool:
+    """Whether torch.compile, torch.export or torch.jit.trace is capturing the code: none of them can capture reading a
+    tensor's value on the host (data-dependent control flow, such as the exp domain's fallback or a value check)."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 

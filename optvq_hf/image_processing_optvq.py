@@ -31,17 +31,15 @@ _RESAMPLE = {
 def _resample(value: Any) -> Any:
     """PIL filters by name ("bicubic", as old configs and scripts write them) become `PILImageResampling`;
     "opencv_bilinear" stays a string (it is not a PIL filter)."""
-    if isinstance(value, str):
-        name = value.lower()
-        if name == OPENCV_BILINEAR:
-            return OPENCV_BILINEAR
-        if name not in _RESAMPLE:
-            raise ValueError(
-                f"resample must be one of {sorted(_RESAMPLE) + [OPENCV_BILINEAR]} or a PILImageResampling, "
-                f"got {value!r}"
-            )
-        return _RESAMPLE[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value not in set(PILImageResampling):
+    if isinstance(value, str) and value.lower() == OPENCV_BILINEAR:
+        return OPENCV_BILINEAR
+    if isinstance(value, str) and value.lower() in _RESAMPLE:
+        return _RESAMPLE[value.lower()]
+    if isinstance(value, str) or isinstance(value, bool) or not isinstance(value, int):
+        value_ok = False
+    else:
+        value_ok = value in set(PILImageResampling)
+    if not value_ok:
         raise ValueError(
             f"resample must be one of {sorted(_RESAMPLE) + [OPENCV_BILINEAR]} or a PILImageResampling, got {value!r}"
         )

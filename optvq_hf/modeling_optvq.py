@@ -339,7 +339,7 @@ class OptVQModel(OptVQPreTrainedModel):
         if quantized.numel() == 0:
             raise ValueError(f"quantized is empty (shape {tuple(quantized.shape)}): pass at least one 1x1 latent")
         # Eager-only value check (a host sync): compile, tracing and export skip it.
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not bool(torch.isfinite(quantized).all()):
+        if checks_tensor_values() and not bool(torch.isfinite(quantized).all()):
             raise ValueError("quantized contains NaN or Inf: decode finite latents (e.g. from encode)")
 
     # -- public API ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .assignment import COST_NORMALIZATIONS, distributed_group_active, nearest_codes, sinkhorn, sinkhorn_codes
+from .assignment import (
+    COST_NORMALIZATIONS,
+    distributed_group_active,
+    nearest_codes,
+    sinkhorn,
+    sinkhorn_codes,
+    traced,
+)
 
 INFERENCE_ASSIGNMENTS = ("nearest", "sinkhorn")
 
@@ -28,7 +35,7 @@ def checks_tensor_values() -> bool:
     `torch.export` and `torch.jit.trace` cannot capture (the trace would bake the check in as a constant). Shape and
     dtype checks cost nothing and run everywhere.
     """
-    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+    return not traced()
 
 
 @dataclass
@@ -176,7 +183,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"expected a non-empty batch of features, got shape {tuple(z.shape)}")
         # A NaN / Inf row has no nearest code: assignment would silently pick index 0 or an arbitrary one. The check
         # synchronises with the device, so it runs in eager mode only (compile, tracing and export skip it).
-        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and not bool(torch.isfinite(z).all()):
+        if checks_tensor_values() and not bool(torch.isfinite(z).all()):
             raise ValueError(
                 "the quantizer got non-finite features (NaN or Inf): check the encoder's input for NaN / Inf pixels "
                 "and the weights for NaN (e.g. a diverged training run)"
