@@ -5,7 +5,9 @@ Plain functions on (N, d) rows and (K, d) codes, used by the quantizer modules o
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 
 import torch
 import torch.distributed as dist
@@ -204,6 +206,59 @@ CPU_TILE_ENTRIES = 2**20
 GPU_TILE_ENTRIES = 2**26
 
 
+# Linux's madvise(MADV_HUGEPAGE): asks for 2 MiB pages for a memory range. Its value is fixed by the kernel ABI.
+_MADV_HUGEPAGE = 14
+# Matrices at least this large are given huge pages on CPU.
+_HUGE_PAGE_MIN_BYTES = 32 * 2**20
+_libc = None
+
+
+def _advise_huge_pages(matrix: torch.Tensor) -> None:
+    """
+    Ask Linux to back a fresh CPU matrix with transparent huge pages before anything is written to it. The kernel
+    matrix is allocated anew on every call (PyTorch's CPU allocator caches nothing), and writing it the first time
+    takes one page fault per 4 KiB page, about as long as the GEMM that writes it; with 2 MiB pages that cost
+    disappears. Only advice: where the system does not honour it (THP disabled, another OS), nothing changes.
+    """
+    global _libc
+    if not sys.platform.startswith("linux") or matrix.device.type != "cpu":
+        return
+    size = matrix.numel() * matrix.element_size()
+    if size < _HUGE_PAGE_MIN_BYTES:
+        return
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        page = 4096
+        start = -(-matrix.data_ptr() // page) * page  # madvise needs a page-aligned start
+        length = (matrix.data_ptr() + size - start) // page * page
+        _libc.madvise(start, length, _MADV_HUGEPAGE)  # a failure (return -1) leaves the usual pages
+    except (OSError, AttributeError):
+        pass
+
+
+# The row argmax (argmin) by blocks of this many codes: the block maxima (a vectorised max), the argmax over them,
+# then the argmax inside the winning block; about 3x faster on CPU than torch.argmax over the whole row, and the same
+# index (the first block holding the row's maximum holds its first occurrence).
+_ARGMAX_BLOCK = 64
+
+
+def _row_extreme(tile: torch.Tensor, largest: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) of each row's maximum (`largest`) or minimum of a 2-D tile: the indices of torch.argmax
+    (torch.argmin), ties to the first occurrence."""
+    num_rows, num_codes = tile.shape
+    arg, extreme = (torch.argmax, torch.amax) if largest else (torch.argmin, torch.amin)
+    if num_codes % _ARGMAX_BLOCK or num_codes == _ARGMAX_BLOCK or not num_rows:
+        indices = arg(tile, dim=1)
+        return indices, tile.gather(1, indices[:, None])[:, 0]
+    blocks = tile.view(num_rows, num_codes // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+    best_block = arg(extreme(blocks, 2), dim=1)
+    winners = blocks.gather(1, best_block[:, None, None].expand(num_rows, 1, _ARGMAX_BLOCK))[:, 0]
+    inside = arg(winners, dim=1)
+    return best_block * _ARGMAX_BLOCK + inside, winners.gather(1, inside[:, None])[:, 0]
+
+
 class _Distances:
     """
     Euclidean distances by row tiles with `torch.cdist`'s own arithmetic (one product of the rows and codes augmented
@@ -280,6 +335,8 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
     distances = _Distances(rows, codes)
     ranges = [(start, min(start + tile_rows, num_rows)) for start in range(0, num_rows, tile_rows)]
     matrix = None if streaming else rows.new_empty(num_rows, num_codes)
+    if matrix is not None:
+        _advise_huge_pages(matrix)
     scratch = rows.new_empty(max(1, min(tile_rows, num_rows)), num_codes)
     spare = rows.new_empty(scratch.shape) if streaming else scratch
 
@@ -365,9 +422,9 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
     # The argmax is the kernel's last use: each tile is scaled in place (cache-sized tiles, also when materialised).
     tiles = kernel_tiles(make=True) if streaming else ((s, e, matrix[s:e]) for s, e in ranges)
     for start, stop, tile in tiles:
-        winners = torch.argmax(tile.mul_(code_weights), dim=1)  # faster than max(dim) with its values
+        winners, maxima = _row_extreme(tile.mul_(code_weights))
         indices[start:stop] = winners
-        untrusted |= (tile.gather(1, winners[:, None]) < _ARGMAX_FLOOR).any()
+        untrusted |= (maxima < _ARGMAX_FLOOR).any()
     return indices, ~untrusted
 
 
@@ -382,7 +439,7 @@ def nearest_codes(rows: torch.Tensor, codes: torch.Tensor, chunk_size: int = 409
     """
     Index (N,) of the nearest code of each row (Euclidean): argmin_k ||c_k||^2 - 2 r.c_k, the squared distance less
     the row's own norm (same argmin; no sqrt or clamp over the (N, K) matrix), by row tiles written into one reused
-    buffer (at most `chunk_size` rows; on CPU, cache-sized).
+    buffer (at most `chunk_size` rows; on CPU, cache-sized), the argmin by blocks (`_row_extreme`).
     """
     num_rows, num_codes = rows.shape[0], codes.shape[0]
     out = torch.empty(num_rows, dtype=torch.long, device=rows.device)
@@ -394,7 +451,7 @@ def nearest_codes(rows: torch.Tensor, codes: torch.Tensor, chunk_size: int = 409
     for start in range(0, num_rows, tile_rows):
         stop = min(start + tile_rows, num_rows)
         scores = torch.addmm(code_norms, rows[start:stop], codes_t, alpha=-2, out=buffer[: stop - start])
-        torch.argmin(scores, dim=1, out=out[start:stop])
+        out[start:stop] = _row_extreme(scores, largest=False)[0]
     return out
 
 

@@ -169,6 +169,66 @@ def test_distance_tiles_equal_cdist(num_rows, tile_rows):
     assert torch.equal(tiles, whole)
 
 
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("num_codes", [4096, 640, 64, 100])
+def test_row_extremes_by_blocks_equal_torch_argmax_and_argmin_ties_included(num_codes, largest):
+    generator = torch.Generator().manual_seed(num_codes)
+    sign = 1.0 if largest else -1.0
+    tile = torch.rand(50, num_codes, generator=generator) * sign
+    tile[:, 7] = 2.0 * sign  # a tie across blocks: the first occurrence wins
+    tile[:10, num_codes - 1] = 2.0 * sign
+    tile[10:20, 3] = 2.0 * sign  # a tie inside the first block
+    tile[20:30, num_codes // 2 + 1] = 3.0 * sign  # a single extreme in a later block
+    tile[30:35] = 0.5  # a whole row tied
+    indices, values = assignment._row_extreme(tile, largest)
+    assert torch.equal(indices, torch.argmax(tile, dim=1) if largest else torch.argmin(tile, dim=1))
+    assert torch.equal(values, tile.amax(1) if largest else tile.amin(1))
+    assert indices[:10].tolist() == [7] * 10 and indices[10:20].tolist() == [3] * 10
+    assert indices[20:30].tolist() == [num_codes // 2 + 1] * 10 and indices[30:35].tolist() == [0] * 5
+
+
+def _huge_pages_of(tensor: torch.Tensor) -> int:
+    """AnonHugePages (kB) of the memory mappings holding the tensor's data, from /proc/self/smaps (madvise splits a
+    mapping where the advised range starts)."""
+    first = tensor.data_ptr()
+    last = first + tensor.numel() * tensor.element_size()
+    total, inside = 0, False
+    with open("/proc/self/smaps") as handle:
+        for line in handle:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(x, 16) for x in head.split("-"))
+                inside = low < last and first < high
+            elif inside and line.startswith("AnonHugePages:"):
+                total += int(line.split()[1])
+    return total
+
+
+def _transparent_huge_pages_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as handle:
+            return handle.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "unavailable"
+
+
+@pytest.mark.skipif(_transparent_huge_pages_mode() not in ("madvise", "always"), reason="no transparent huge pages")
+def test_the_kernel_matrix_gets_huge_pages_and_keeps_its_values():
+    plain = torch.empty(64, 2**18)  # 64 MiB
+    assignment._advise_huge_pages(plain[:1])  # below the size threshold: no advice
+    advised = torch.empty(64, 2**18)
+    assignment._advise_huge_pages(advised)
+    advised.fill_(1.5)
+    plain.fill_(1.5)
+    assert _huge_pages_of(advised) >= 32 * 1024  # at least half of it in 2 MiB pages
+    if _transparent_huge_pages_mode() == "madvise":
+        assert _huge_pages_of(plain) == 0
+    assert torch.equal(advised, plain)
+    written = torch.arange(2**24, dtype=torch.float32).reshape(64, -1)
+    assignment._advise_huge_pages(written)  # advice after writing keeps the data
+    assert torch.equal(written.flatten(), torch.arange(2**24, dtype=torch.float32))
+
+
 def test_the_solver_compiles_without_graph_breaks_in_its_iterations():
     rows, codes = features_and_codes(256, 64, 8, seed=6)
     compiled = torch.compile(assignment._sinkhorn_indices, backend="eager")
