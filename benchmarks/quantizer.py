@@ -296,6 +296,34 @@ def limit_seconds(num_rows, num_codes, code_dim, device, repeats):
     return gemm, median(lambda: torch.mv(matrix, vector))
 
 
+def time_assignments(num_rows, num_codes, code_dim, device, repeats):
+    """Medians of the assignments alone (no quantizer around them, no backward) on the inputs of the quantizer
+    step: the Sinkhorn solver materialised and streaming, and the nearest-code search; interleaved call by call."""
+    import optvq_hf.assignment as assignment
+
+    module = build("optvq", num_codes, code_dim, device)
+    z = make_input(num_rows, code_dim, device).detach()
+    rows = z.permute(0, 2, 3, 1).reshape(-1, code_dim).contiguous()
+    codes = module.codebook(device).detach()
+    settings = (module.epsilon, module.iterations, module.cost_normalization, module.chunk_size, False)
+    calls = {
+        "sinkhorn": lambda: assignment.sinkhorn_codes(rows, codes, *settings, streaming=False),
+        "sinkhorn-stream": lambda: assignment.sinkhorn_codes(rows, codes, *settings, streaming=True),
+        "nearest": lambda: assignment.nearest_codes(rows, codes, module.chunk_size),
+    }
+    times = {name: [] for name in calls}
+    for _ in range(repeats + 1):
+        for name, call in calls.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - begin)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
+
+
 def comparable_indices(method: str, indices: torch.Tensor) -> torch.Tensor:
     if method == "vq-pytorch":  # (B, H, W, heads)
         return indices.reshape(-1)
@@ -475,6 +503,13 @@ def run(args) -> None:
             f"N={num_rows} K={num_codes} d={code_dim}: limit {limit * 1e3:.1f} ms = GEMM {gemm * 1e3:.1f} ms + "
             f"10 x one pass over (N, K) (matrix-vector product) {one_pass * 1e3:.1f} ms; "
             + ", ".join(f"{m} {times[m] / limit:.2f}x limit" for m in fitting if m.startswith(SOLVER_PREFIXES))
+        )
+        alone = time_assignments(num_rows, num_codes, code_dim, device, args.repeats)
+        print(
+            f"  assignment alone (no quantizer, no backward): sinkhorn {alone['sinkhorn'] * 1e3:.1f} ms = "
+            f"{alone['sinkhorn'] / limit:.2f}x limit, streaming {alone['sinkhorn-stream'] * 1e3:.1f} ms = "
+            f"{alone['sinkhorn-stream'] / limit:.2f}x limit; nearest {alone['nearest'] * 1e3:.1f} ms = "
+            f"{alone['nearest'] / gemm:.2f}x GEMM"
         )
         peaks = {}
         if not args.no_memory:

@@ -362,8 +362,9 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
     code = code_shift.double() * negative_scale.double()
 
     def kernel_tiles(make: bool = False):
-        """The kernel: made tile by tile on the first pass (`make`), then the whole matrix (one matrix-vector
-        product: fewest operations); streaming, every pass remakes each tile from the features."""
+        """The kernel: made tile by tile on the first pass (`make`), then the whole matrix as one tile (one
+        matrix-vector product per half-step: fewest operations); streaming, every pass remakes each tile from the
+        features, so a row half-step and the next column sums share one pass."""
         if not streaming and not make:
             yield 0, num_rows, matrix
             return
@@ -385,16 +386,20 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
         local = values.max() if values.numel() else values.new_tensor(-math.inf)
         return _all_reduce(local.reshape(1).clone(), dist.ReduceOp.MAX)[0] if distributed else local
 
-    def column_sums(row_potential: torch.Tensor, make: bool = False):
-        """log sum_i E_ik exp(f_i - F) over the rows of all ranks, and F."""
-        top = largest(row_potential)
-        weights = (row_potential - top).exp().float()
-        sums = torch.zeros(num_codes, dtype=torch.float64, device=device)
-        for start, stop, tile in kernel_tiles(make):
-            sums += torch.mv(tile.T, weights[start:stop])
-        if distributed:
-            _all_reduce(sums)
-        return sums.log(), top
+    def shifted_column_sums(log_sums, top, tile_sums, tile_top):
+        """Adds a tile's column sums (float32, their rows' weights shifted by `tile_top`) to `log_sums`, the log of
+        the float64 sums so far, shifted by `top`; returns both anew (a running log-sum-exp, no host read)."""
+        new_top = torch.maximum(top, tile_top)
+        added = tile_sums.double().mul_((tile_top - new_top).exp())
+        return torch.logaddexp(log_sums + (top - new_top), added.log()), new_top
+
+    def all_ranks(log_sums, top):
+        """Column sums of this rank's rows -> of the rows of all ranks, shifted by the largest row potential."""
+        if not distributed:
+            return log_sums, top
+        global_top = largest(top)
+        sums = _all_reduce((log_sums + (top - global_top)).exp())
+        return sums.log(), global_top
 
     def guarded_update(potential, log_scale, log_sum, log_terms, log_count):
         """potential - log(mass + guard) - log(count), mass = exp(log_scale) * (a float32 sum of exp(log_terms)
@@ -404,18 +409,43 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
         untrusted |= (log_scale + log_terms + _LOG_LOST_TERM > guarded + _LOG_TRUSTED_SHARE).any()
         return potential - guarded - log_count
 
+    def column_pass(row_potential):
+        """The first pass: makes the kernel and sums its columns, weighted by exp(f_i - F), F = max f (all ranks)."""
+        top = largest(row_potential)
+        weights = (row_potential - top).exp().float()
+        sums = torch.zeros(num_codes, dtype=torch.float64, device=device)
+        for start, stop, tile in kernel_tiles(make=True):
+            sums += torch.mv(tile.T, weights[start:stop])
+        if distributed:
+            _all_reduce(sums)
+        return sums.log(), top
+
+    def row_then_column_pass(row, code):
+        """A row half-step and the next code half-step's column sums in one pass over the kernel: each tile's rows
+        are scaled, then the same tile (still in the cache when streamed) sums its columns with the new weights."""
+        code_top = largest(code)
+        code_weights = (code - code_top).exp().float()
+        new_row = torch.empty_like(row)
+        log_sums = torch.full((num_codes,), -math.inf, dtype=torch.float64, device=device)
+        top = torch.full((), -math.inf, dtype=torch.float64, device=device)
+        for start, stop, tile in kernel_tiles():
+            old = row[start:stop]
+            row_sums = torch.mv(tile, code_weights).double()
+            potential = guarded_update(old, old + code_top, row_sums.log(), log_codes, log_rows)
+            new_row[start:stop] = potential
+            tile_top = potential.max()
+            tile_sums = torch.mv(tile.T, (potential - tile_top).exp().float())
+            log_sums, top = shifted_column_sums(log_sums, top, tile_sums, tile_top)
+        return new_row, *all_ranks(log_sums, top)
+
     # The first pass makes the kernel and, from the uniform start f_i = -log(T + guard) + row_shift_i, sums the
     # columns; they give the total mass T itself (always trusted: its largest term is exp(max A) times 1).
-    log_columns, top = column_sums(row_shift, make=True)
+    log_columns, top = column_pass(row_shift)
     start_potential = -_guarded_log(torch.logsumexp(log_columns + code, 0) + top, log_guard)
     row, row_top = row_shift + start_potential, top + start_potential
     for iteration in range(iterations):
         if iteration > 0:
-            code_top = largest(code)
-            weights = (code - code_top).exp().float()
-            row_sums = torch.cat([torch.mv(tile, weights) for _, _, tile in kernel_tiles()]).double()
-            row = guarded_update(row, row + code_top, row_sums.log(), log_codes, log_rows)
-            log_columns, row_top = column_sums(row)
+            row, log_columns, row_top = row_then_column_pass(row, code)
         code = guarded_update(code, code + row_top, log_columns, log_rows, log_codes)
     code_weights = (code - largest(code)).exp().float()
     indices = torch.empty(num_rows, dtype=torch.long, device=device)
@@ -479,7 +509,8 @@ def sinkhorn_codes(
     solver (`_sinkhorn_indices`); under torch.compile / export / tracing the log-domain solver alone. Same indices.
 
     Memory: one (N, K) float32 matrix (the kernel) plus one tile; with `streaming` (or automatically above
-    `STREAMING_MIN_BYTES`) no (N, K) matrix: each tile is recomputed from the features on every pass.
+    `STREAMING_MIN_BYTES`) no (N, K) matrix: each tile is recomputed from the features on every pass (one pass
+    per iteration).
     """
     if cost_normalization not in COST_NORMALIZATIONS:
         raise ValueError(f"cost_normalization must be one of {COST_NORMALIZATIONS}, got {cost_normalization!r}")

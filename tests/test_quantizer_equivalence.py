@@ -243,6 +243,32 @@ def test_nearest_codes_equal_the_exact_argmin():
         assert torch.equal(assignment.nearest_codes(rows, codes, chunk_size), exact)
 
 
+class MatrixProducts(TorchDispatchMode):
+    """Counts matrix-matrix products (the distance tiles: streaming recomputes them on every pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("iterations", [1, 5])
+def test_streaming_reads_the_features_once_per_iteration(iterations):
+    # passes over the distances: statistics, kernel + first column sums, one per further iteration (its row
+    # half-step and the next column sums share the pass), the argmax
+    rows, codes = features_and_codes(600, 64, 8, seed=9)
+    tile_rows, num_tiles = 100, 6
+    with MatrixProducts() as products:
+        indices, trusted = assignment._exp_domain_indices(rows, codes, 10.0, iterations, "all", tile_rows, False, True)
+    assert bool(trusted)
+    assert products.count == (iterations + 2) * num_tiles
+    assert torch.equal(indices, original_indices(rows, codes, iterations=iterations))
+
+
 def test_streaming_is_chosen_above_the_memory_threshold(monkeypatch):
     rows, codes = features_and_codes(256, 32, 8, seed=5)
     calls = []
