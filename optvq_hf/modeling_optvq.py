@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_optvq import NORM_GROUPS, OptVQConfig
-from .quantization import SinkhornQuantizer, VectorQuantizer, checks_tensor_values
+from .quantization import SinkhornQuantizer, VectorQuantizer, all_finite, checks_tensor_values
 
 try:  # transformers >= 5: initialisers that skip weights already loaded from a checkpoint
     from transformers import initialization as init
@@ -339,7 +339,7 @@ class OptVQModel(OptVQPreTrainedModel):
         if quantized.numel() == 0:
             raise ValueError(f"quantized is empty (shape {tuple(quantized.shape)}): pass at least one 1x1 latent")
         # Eager-only value check (a host sync): compile, tracing and export skip it.
-        if checks_tensor_values() and not bool(torch.isfinite(quantized).all()):
+        if checks_tensor_values() and not all_finite(quantized):
             raise ValueError("quantized contains NaN or Inf: decode finite latents (e.g. from encode)")
 
     # -- public API ---------------------------------------------------------------------------------------------------

@@ -38,6 +38,14 @@ def checks_tensor_values() -> bool:
     return not traced()
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether no entry is NaN or +-Inf (a host read): `torch.isfinite(tensor).all()`, from one min-max pass, which
+    propagates NaN (about ten times faster on CPU than the boolean tensor of `isfinite`)."""
+    if tensor.numel() == 0:
+        return True
+    return bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
+
+
 @dataclass
 class QuantizerOutput(ModelOutput):
     """
@@ -183,7 +191,7 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"expected a non-empty batch of features, got shape {tuple(z.shape)}")
         # A NaN / Inf row has no nearest code: assignment would silently pick index 0 or an arbitrary one. The check
         # synchronises with the device, so it runs in eager mode only (compile, tracing and export skip it).
-        if checks_tensor_values() and not bool(torch.isfinite(z).all()):
+        if checks_tensor_values() and not all_finite(z):
             raise ValueError(
                 "the quantizer got non-finite features (NaN or Inf): check the encoder's input for NaN / Inf pixels "
                 "and the weights for NaN (e.g. a diverged training run)"
@@ -196,8 +204,9 @@ class VectorQuantizer(nn.Module):
                 flat_indices = self.assign(rows.detach(), codes.detach())
             # F.embedding: deterministic gradient accumulation into the codebook (index_put is not, on CPU threads).
             selected = nn.functional.embedding(flat_indices, codes)
-            loss = torch.mean((rows - selected.detach()) ** 2) + self.beta * torch.mean(
-                (selected - rows.detach()) ** 2
+            # mean((z - sg[e])^2) + beta * mean((e - sg[z])^2); mse_loss fuses each difference, square and mean.
+            loss = nn.functional.mse_loss(rows, selected.detach()) + self.beta * nn.functional.mse_loss(
+                selected, rows.detach()
             )
             # Straight-through: the value is exactly the code (z - sg[z] is exactly 0), the gradient flows to z.
             quantized_rows = selected.detach() + (rows - rows.detach())

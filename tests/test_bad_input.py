@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optvq_hf import OptVQConfig, OptVQModel
-from optvq_hf.quantization import SinkhornQuantizer
+from optvq_hf.quantization import SinkhornQuantizer, all_finite
 from tests.conftest import tiny_config_kwargs
 
 
@@ -51,6 +51,19 @@ def test_quantizer_refuses_non_finite_features(bad, training):
         model.quant_conv.bias[0] = bad
     with pytest.raises(ValueError, match="non-finite features"):
         model.encode(torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_all_finite_equals_isfinite_all(dtype):
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 5, 7, generator=generator).to(dtype)
+    assert all_finite(values) and all_finite(values[:0])
+    for bad in (math.nan, math.inf, -math.inf):
+        for position in ((0, 0, 0), (1, 2, 3), (2, 4, 6)):
+            broken = values.clone()
+            broken[position] = bad
+            assert not all_finite(broken) and not bool(torch.isfinite(broken).all())
+            assert all_finite(broken[:, :, :0])
 
 
 def test_sinkhorn_quantizer_class_checks_too():
