@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: the script's default)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="alternated measurements, the best one is kept")
+    parser.add_argument("--repeats", type=int, default=4, help="alternated measurements, the best one is kept")
     args = parser.parse_args()
     import datasets
 
