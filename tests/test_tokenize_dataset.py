@@ -221,8 +221,9 @@ def test_batch_variants_equal_the_processor_image_by_image(tokenizer_dir, image_
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_write_shards_batches_and_shards(tokenizer_dir, tmp_path, num_workers, streaming):
-    """Batches that do not divide the shards, one DataLoader for every shard of a dataset, a bad image inside a
-    batch: undecodable bytes in a dataset, an image that the processor rejects (no pixels) in a stream."""
+    """Batches that do not divide the shards, one DataLoader for every shard of a dataset, bad images (inside a
+    batch, and a whole shard): undecodable bytes in a dataset, images that the processor rejects (no pixels) in a
+    stream."""
     import datasets
 
     model = OptVQModel.from_pretrained(tokenizer_dir).eval()
@@ -230,7 +231,7 @@ def test_write_shards_batches_and_shards(tokenizer_dir, tmp_path, num_workers, s
     rng = np.random.default_rng(3)
     arrays = [rng.integers(0, 256, (17 + i, 20, 3), dtype=np.uint8) for i in range(7)]
     if streaming:
-        arrays[4] = np.zeros((0, 20, 3), dtype=np.uint8)
+        arrays[4] = arrays[6] = np.zeros((0, 20, 3), dtype=np.uint8)
         source, num_rows, error = [{"image": a, "label": 10 + i} for i, a in enumerate(arrays)], None, "no pixels"
     else:
         source = datasets.Dataset.from_dict(
@@ -238,7 +239,7 @@ def test_write_shards_batches_and_shards(tokenizer_dir, tmp_path, num_workers, s
         )
         source = source.cast_column("image", datasets.Image(decode=False))
         rows = source.to_list()
-        rows[4]["image"] = {"bytes": b"not a png", "path": None}
+        rows[4]["image"] = rows[6]["image"] = {"bytes": b"not a png", "path": None}
         source, num_rows, error = datasets.Dataset.from_list(rows, features=source.features), 7, "cannot identify"
     kwargs = dict(image_column="image", label_column="label", variant_ids=[0, 1], shard_size=3, batch_size=4)
     kwargs.update(num_workers=num_workers, progress=False)
@@ -247,14 +248,14 @@ def test_write_shards_batches_and_shards(tokenizer_dir, tmp_path, num_workers, s
         token_data.write_shards(model, layout, processor, source, num_rows, str(tmp_path / "a"), **kwargs)
     out = str(tmp_path / "b")
     stats = token_data.write_shards(model, layout, processor, source, num_rows, out, **kwargs, skip_bad_images=True)
-    assert (stats.images, stats.rows, stats.skipped, stats.skipped_rows) == (7, 12, 1, [4])
+    assert (stats.images, stats.rows, stats.skipped, stats.skipped_rows) == (7, 10, 2, [4, 6])
     assert stats.shards_written == 3
     shards = [datasets.load_from_disk(token_data.shard_path(out, s)) for s in range(3)]
-    assert [shard["index"] for shard in shards] == [[0, 0, 1, 1, 2, 2], [3, 3, 5, 5], [6, 6]]
-    merged = datasets.concatenate_datasets(shards)
-    assert merged["variant"] == [0, 1] * 6 and merged["label"] == [10 + i for i in merged["index"]]
+    assert [shard["index"] for shard in shards] == [[0, 0, 1, 1, 2, 2], [3, 3, 5, 5], []]
+    merged = token_data.merge_shards(out, {}, 3)
+    assert merged["variant"] == [0, 1] * 5 and merged["label"] == [10 + i for i in merged["index"]]
     assert merged.features["tokens"] == datasets.Sequence(datasets.Value("uint8"), length=model.tokens_per_image)
-    for index in (0, 3, 6):
+    for index in (0, 3, 5):
         pixels = torch.from_numpy(expected_variants(processor, arrays[index])[:2])
         rows = [position for position, i in enumerate(merged["index"]) if i == index]
         assert torch.equal(torch.tensor(merged[rows]["tokens"], dtype=torch.long), model.tokenize(pixels))

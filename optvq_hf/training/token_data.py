@@ -398,7 +398,12 @@ def write_shards(
         """The shard's rows cut into batches: `(shard, last, indices, rows or None)`."""
         step = images_per_batch
         return [
-            (shard, first + step >= len(indices), indices[first : first + step], rows and rows[first : first + step])
+            (
+                shard,
+                first + step >= len(indices),
+                indices[first : first + step],
+                None if rows is None else rows[first : first + step],
+            )
             for first in range(0, len(indices), step)
         ]
 
@@ -454,8 +459,8 @@ def write_shards(
                         enabled=autocast_dtype is not None,
                     ),
                 ):
-                    indices = model.encode(batch.pixels.to(device, non_blocking=True)).indices
-                tokens = layout.to_tokens(indices).cpu().numpy().astype(dtype)
+                    codes = model.encode(batch.pixels.to(device, non_blocking=True)).indices
+                tokens = layout.to_tokens(codes).cpu().numpy().astype(dtype)
                 stats.encode_seconds += time.perf_counter() - encode_start
                 part = {"tokens": tokens}
                 if label_column is not None:
@@ -492,7 +497,8 @@ def write_shard(final: str, parts: list[dict[str, np.ndarray]], features: Any, r
     table = pa.Table.from_arrays(list(columns.values()), schema=features.arrow_schema)
     temporary = f"{final}.tmp-{rank}"
     shutil.rmtree(temporary, ignore_errors=True)  # left by a killed run
-    datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(temporary)
+    # One file even for 0 rows (every image of the shard skipped): without any, load_from_disk fails.
+    datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(temporary, num_shards=1)
     os.replace(temporary, final)  # a shard exists only once complete
     return table.num_rows
 
