@@ -42,7 +42,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -250,6 +250,9 @@ class RowBatch:
     label: np.ndarray | None  # (n,) int64
     pixels: torch.Tensor  # (n * V, C, R, R) float32, rows in (index, variant) order
     skipped: list[int]  # source rows of unreadable images (only with skip_bad_images)
+
+    def pin_memory(self) -> RowBatch:  # called by a DataLoader with pin_memory=True, for asynchronous copies
+        return replace(self, pixels=self.pixels.pin_memory())
 
 
 class RowBatches(torch.utils.data.Dataset):
