@@ -53,7 +53,9 @@ class TokenizeOptions:
     batch_size: int = option(64, "rows (images x variants) encoded per batch and process")
     shard_size: int = option(1000, "source rows per shard (fixed: the result does not depend on the processes)")
     dataloader_num_workers: int | None = option(
-        None, "DataLoader processes decoding and resizing images (default: the cores per process minus one, 1 to 8)"
+        None,
+        "DataLoader processes decoding and resizing images (default: the cores per process less the ones the process "
+        "keeps busy: one on GPU, 1 to 8 workers; its torch threads on CPU, 0 to 8 workers)",
     )
     mixed_precision: str = option("bf16", "bf16 autocast of the encoder on GPU (the quantizer stays float32), or no")
     skip_bad_images: bool = option(False, "skip unreadable images (counted) instead of failing on the first")
@@ -159,7 +161,9 @@ def main(argv=None) -> token_data.TokenDataset:
         shard_size=options.shard_size,
         batch_size=options.batch_size,
         num_workers=(
-            token_data.default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
+            token_data.default_num_workers(
+                int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)), accelerator.device
+            )
             if options.dataloader_num_workers is None
             else options.dataloader_num_workers
         ),

@@ -275,3 +275,30 @@ def test_bad_resample_lists_the_options():
         OptVQImageProcessor(resample="opencv_bilinear", size={"shortest_edge": 8, "longest_edge": 12})(
             np.zeros((8, 10, 3), dtype=np.uint8), do_center_crop=False
         )
+
+
+def mode_images() -> list[PIL.Image.Image]:
+    """Images of several sizes (landscape, portrait, smaller and larger than the resolution) and modes."""
+    rng = np.random.default_rng(1)
+    images = []
+    for (width, height), mode in zip(((37, 20), (20, 37), (16, 16), (90, 61)), ("RGB", "L", "RGBA", "P")):
+        rgb = PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        images.append(rgb.quantize(16) if mode == "P" else rgb.convert(mode))
+    return images
+
+
+@pytest.mark.parametrize("resample", [None, "bilinear", "opencv_bilinear"])
+@pytest.mark.parametrize("num_channels", [3, 1])
+def test_pixel_array_equals_preprocess_bit_for_bit(resample, num_channels):
+    processor = OptVQImageProcessor(resolution=18, resample=resample, num_channels=num_channels)
+    images = mode_images()
+    for resolution in (None, 20):
+        fast = processor.pixel_array(images, resolution=resolution)
+        side = resolution or 18
+        assert fast.shape == (len(images), num_channels, side, side) and fast.dtype == np.float32
+        for image, pixels in zip(images, fast):
+            kwargs = {} if resolution is None else {"resolution": resolution}
+            expected = processor.preprocess(image, return_tensors=None, **kwargs)["pixel_values"][0]
+            assert np.array_equal(pixels, expected)
+    with pytest.raises(ValueError, match="no images"):
+        processor.pixel_array([])

@@ -195,3 +195,78 @@ def test_streaming_equals_map_style(tokenizer_dir, image_dir, tmp_path, fresh_ac
     streamed = run(tokenizer_dir, image_dir, tmp_path / "streamed", "--streaming", "true", *common)
     assert len(stored.dataset) == 8 and sorted(os.listdir(tmp_path / "streamed" / "shards"))[-1] == "shard-00001"
     assert streamed.dataset.to_dict() == stored.dataset.to_dict()
+
+
+def expected_variants(processor, image):
+    """The twelve variants of one image from `processor.preprocess` itself (see the token_data docstring)."""
+    center = processor(image)["pixel_values"][0].numpy()
+    outer = processor(image, resolution=18)["pixel_values"][0].numpy()
+    crops = [outer[:, :16, :16], outer[:, :16, 2:], outer[:, 2:, :16], outer[:, 2:, 2:], outer[:, 1:17, 1:17]]
+    return np.stack([center, center[:, :, ::-1], *crops, *(crop[:, :, ::-1] for crop in crops)])
+
+
+def test_batch_variants_equal_the_processor_image_by_image(tokenizer_dir, image_dir):
+    processor = OptVQImageProcessor.from_pretrained(tokenizer_dir)
+    rng = np.random.default_rng(2)
+    images = list(source_images(image_dir)["image"])
+    images += [PIL.Image.fromarray(rng.integers(0, 256, (40, 23), dtype=np.uint8)), images[0].convert("RGBA")]
+    pixels = token_data.batch_variant_images(processor, images, list(range(12)))
+    assert pixels.shape == (len(images), 12, 3, 16, 16) and pixels.dtype == np.float32
+    for image, variants in zip(images, pixels):
+        np.testing.assert_array_equal(variants, expected_variants(processor, image))
+    subset = token_data.batch_variant_images(processor, images, [1, 7])
+    np.testing.assert_array_equal(subset, pixels[:, [1, 7]])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_write_shards_batches_and_shards(tokenizer_dir, tmp_path, num_workers, streaming):
+    """Batches that do not divide the shards, one DataLoader for every shard of a dataset, bad images (inside a
+    batch, and a whole shard): undecodable bytes in a dataset, images that the processor rejects (no pixels) in a
+    stream."""
+    import datasets
+
+    model = OptVQModel.from_pretrained(tokenizer_dir).eval()
+    processor = OptVQImageProcessor.from_pretrained(tokenizer_dir)
+    rng = np.random.default_rng(3)
+    arrays = [rng.integers(0, 256, (17 + i, 20, 3), dtype=np.uint8) for i in range(7)]
+    if streaming:
+        arrays[4] = arrays[6] = np.zeros((0, 20, 3), dtype=np.uint8)
+        source, num_rows, error = [{"image": a, "label": 10 + i} for i, a in enumerate(arrays)], None, "no pixels"
+    else:
+        source = datasets.Dataset.from_dict(
+            {"image": [PIL.Image.fromarray(a) for a in arrays], "label": range(10, 17)}
+        )
+        source = source.cast_column("image", datasets.Image(decode=False))
+        rows = source.to_list()
+        rows[4]["image"] = rows[6]["image"] = {"bytes": b"not a png", "path": None}
+        source, num_rows, error = datasets.Dataset.from_list(rows, features=source.features), 7, "cannot identify"
+    kwargs = dict(image_column="image", label_column="label", variant_ids=[0, 1], shard_size=3, batch_size=4)
+    kwargs.update(num_workers=num_workers, progress=False)
+    layout = model.token_layout()
+    with pytest.raises(ValueError, match=f"image at row 4 of the dataset: .*{error}"):
+        token_data.write_shards(model, layout, processor, source, num_rows, str(tmp_path / "a"), **kwargs)
+    out = str(tmp_path / "b")
+    stats = token_data.write_shards(model, layout, processor, source, num_rows, out, **kwargs, skip_bad_images=True)
+    assert (stats.images, stats.rows, stats.skipped, stats.skipped_rows) == (7, 10, 2, [4, 6])
+    assert stats.shards_written == 3
+    shards = [datasets.load_from_disk(token_data.shard_path(out, s)) for s in range(3)]
+    assert [shard["index"] for shard in shards] == [[0, 0, 1, 1, 2, 2], [3, 3, 5, 5], []]
+    merged = token_data.merge_shards(out, {}, 3)
+    assert merged["variant"] == [0, 1] * 5 and merged["label"] == [10 + i for i in merged["index"]]
+    assert merged.features["tokens"] == datasets.Sequence(datasets.Value("uint8"), length=model.tokens_per_image)
+    for index in (0, 3, 5):
+        pixels = torch.from_numpy(expected_variants(processor, arrays[index])[:2])
+        rows = [position for position, i in enumerate(merged["index"]) if i == index]
+        assert torch.equal(torch.tensor(merged[rows]["tokens"], dtype=torch.long), model.tokenize(pixels))
+
+
+def test_default_num_workers_leave_the_encoder_its_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    # CPU: the cores per process less the encoder's threads, 0 to 8.
+    assert [token_data.default_num_workers(p, "cpu") for p in (1, 2, 4)] == [6, 2, 0]
+    # GPU: one core per process for the process itself, 1 to 8.
+    assert [token_data.default_num_workers(p, "cuda") for p in (1, 2, 8)] == [7, 3, 1]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert token_data.default_num_workers(1, "cpu") == token_data.default_num_workers(1, "cuda") == 8

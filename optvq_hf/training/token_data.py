@@ -24,6 +24,14 @@ Shards: source rows are cut into fixed shards of `shard_size` rows; shard s goes
 which writes it to `<output_dir>/shards/shard-SSSSS` (written to a temporary folder, renamed when complete). A rerun
 skips the shards already present, so an interrupted run resumes without redoing them; the merged dataset is the
 concatenation of the shards in order and so does not depend on the number of processes.
+
+Reading: each shard is cut into batches of `batch_size // len(variants)` source rows (a batch never crosses a
+shard). A DataLoader item is one whole batch: its worker reads the rows (one Arrow slice), decodes them and runs the
+image processor once for the batch (`OptVQImageProcessor.pixel_array`, the same steps as `preprocess`), and returns
+one (rows x variants, C, R, R) array, so that one transfer between processes serves a batch. A dataset is read by
+one DataLoader (one set of worker processes) for all of this process's unfinished shards; a stream, by one per
+shard, since its rows come from the stream in this process. The main process encodes the batches in order and
+writes a shard (an Arrow table built from numpy arrays) after its last batch.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -70,14 +78,20 @@ def token_dtype(vocab_size: int) -> str:
     return "int64"
 
 
-def default_num_workers(processes_on_this_machine: int = 1) -> int:
-    """DataLoader workers per process: this machine's usable cores shared among its processes, one core per process
-    kept for the process itself (it feeds the model and writes the shards), between 1 and 8."""
+def default_num_workers(processes_on_this_machine: int = 1, device: torch.device | str = "cpu") -> int:
+    """DataLoader workers per process: this machine's usable cores shared among its processes, less the cores the
+    process itself keeps busy: on GPU one (it feeds the device and writes the shards), at least one worker and at
+    most 8; on CPU its torch threads (`torch.get_num_threads()`: the encoder runs on these cores), from 0 to 8. On
+    CPU a worker beyond the free cores preempts the encoder's threads, which then wait for each other at every
+    parallel operator, and costs more than decoding in the process itself (0 workers)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
-    return max(1, min(8, cores // max(1, processes_on_this_machine) - 1))
+    per_process = cores // max(1, processes_on_this_machine)
+    if torch.device(device).type == "cpu":
+        return max(0, min(8, per_process - torch.get_num_threads()))
+    return max(1, min(8, per_process - 1))
 
 
 def expand_variants(groups: Sequence[str]) -> list[int]:
@@ -88,21 +102,22 @@ def expand_variants(groups: Sequence[str]) -> list[int]:
     return sorted({VARIANTS.index(name) for g in groups for name in VARIANT_GROUPS[g]})
 
 
-def variant_images(processor: OptVQImageProcessor, image: PIL.Image.Image, variant_ids: Sequence[int]) -> np.ndarray:
-    """(V, C, R, R) float32 pixel values in [-1, 1] of the chosen variants of one image (see the module docstring)."""
+def batch_variant_images(
+    processor: OptVQImageProcessor, images: Sequence[PIL.Image.Image], variant_ids: Sequence[int]
+) -> np.ndarray:
+    """(B, V, C, R, R) float32 pixel values in [-1, 1] of the chosen variants of each image (see the module
+    docstring); the processor runs once per batch and size (`OptVQImageProcessor.pixel_array`)."""
     resolution = processor.resolution
+    names = [VARIANTS[vid] for vid in variant_ids]
+    center = processor.pixel_array(images) if {"center", "flip"} & set(names) else None
+    ten = None
+    if any(name.startswith("ten_crop_") for name in names):
+        ten = processor.pixel_array(images, resolution=round(resolution * TEN_CROP_RANGE))
     out = []
-    center = ten = None
-    for vid in variant_ids:
-        name = VARIANTS[vid]
+    for name in names:
         if name in ("center", "flip"):
-            if center is None:
-                center = processor.preprocess(image, return_tensors=None)["pixel_values"][0]
-            out.append(center if name == "center" else center[:, :, ::-1])
+            out.append(center if name == "center" else center[..., ::-1])
             continue
-        if ten is None:
-            ten = processor.preprocess(image, return_tensors=None, resolution=round(resolution * TEN_CROP_RANGE))
-            ten = ten["pixel_values"][0]
         size = ten.shape[-1]
         corner = name.removeprefix("ten_crop_").removesuffix("_flip")
         # torchvision's FiveCrop: corners flush with the edges, the center crop at int(round((size - R) / 2)).
@@ -114,9 +129,14 @@ def variant_images(processor: OptVQImageProcessor, image: PIL.Image.Image, varia
             "br": (size - resolution, size - resolution),
             "center": (mid, mid),
         }[corner]
-        crop = ten[:, top : top + resolution, left : left + resolution]
-        out.append(crop[:, :, ::-1] if name.endswith("_flip") else crop)
-    return np.ascontiguousarray(np.stack(out), dtype=np.float32)
+        crop = ten[..., top : top + resolution, left : left + resolution]
+        out.append(crop[..., ::-1] if name.endswith("_flip") else crop)
+    return np.ascontiguousarray(np.stack(out, axis=1), dtype=np.float32)
+
+
+def variant_images(processor: OptVQImageProcessor, image: PIL.Image.Image, variant_ids: Sequence[int]) -> np.ndarray:
+    """(V, C, R, R) float32 pixel values in [-1, 1] of the chosen variants of one image (see the module docstring)."""
+    return batch_variant_images(processor, [image], variant_ids)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,38 +239,85 @@ def load_token_dataset(path_or_repo_id: str, split: str | None = None) -> TokenD
 # ---------------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------------
-class ShardRows(torch.utils.data.Dataset):
-    """Rows `[start, stop)` of a source split, decoded and turned into variants in DataLoader workers."""
+@dataclass
+class RowBatch:
+    """What a DataLoader worker returns for one batch of source rows: the decoded and preprocessed good rows, as
+    one array (one transfer between processes per batch, not one per image)."""
 
-    def __init__(self, source, rows, image_column, label_column, processor, variant_ids, skip_bad_images, name):
-        self.source, self.rows, self.image_column, self.label_column = source, rows, image_column, label_column
-        self.processor, self.variant_ids, self.skip_bad_images, self.name = (
-            processor,
-            variant_ids,
-            skip_bad_images,
-            name,
-        )
+    shard: int
+    last: bool  # the last batch of its shard
+    index: np.ndarray  # (n,) int64 source rows of the good images
+    label: np.ndarray | None  # (n,) int64
+    pixels: torch.Tensor  # (n * V, C, R, R) float32, rows in (index, variant) order
+    skipped: list[int]  # source rows of unreadable images (only with skip_bad_images)
+
+    def pin_memory(self) -> RowBatch:  # called by a DataLoader with pin_memory=True, for asynchronous copies
+        return replace(self, pixels=self.pixels.pin_memory())
+
+
+class RowBatches(torch.utils.data.Dataset):
+    """Item k: batch k of `batches`, each `(shard, last, indices, rows)` with `rows` the source rows themselves (a
+    stream) or `None` (read the contiguous `indices` from the source), decoded and turned into variants."""
+
+    def __init__(self, source, batches, image_column, label_column, processor, variant_ids, skip_bad_images, name):
+        self.source, self.batches = source, batches
+        self.image_column, self.label_column = image_column, label_column
+        self.processor, self.variant_ids = processor, variant_ids
+        self.skip_bad_images, self.name = skip_bad_images, name
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.batches)
 
-    def __getitem__(self, position: int):
-        index, row = self.rows[position]
-        if row is None:
-            row = self.source[index]
-        try:
-            image = to_pil(row[self.image_column], f"row {index} of {self.name}")
-            pixels = variant_images(self.processor, image, self.variant_ids)
-        except ValueError:
-            if self.skip_bad_images:
-                return index, None, None
-            raise
-        label = None if self.label_column is None else int(row[self.label_column])
-        return index, label, torch.from_numpy(pixels)
+    def __getitem__(self, k: int) -> RowBatch:
+        shard, last, indices, rows = self.batches[k]
+        if rows is None:
+            rows = self.source[indices.start : indices.stop]  # one Arrow read per batch: {column: values}
+        else:
+            columns = [self.image_column] + ([] if self.label_column is None else [self.label_column])
+            rows = {column: [row[column] for row in rows] for column in columns}
+        labels = rows[self.label_column] if self.label_column is not None else [None] * len(indices)
+        decoded, skipped = [], []
+        for index, value, label in zip(indices, rows[self.image_column], labels):
+            try:
+                decoded.append((index, label, to_pil(value, f"row {index} of {self.name}")))
+            except ValueError:
+                if not self.skip_bad_images:
+                    raise
+                skipped.append(index)
+        decoded, pixels = self.preprocess(decoded, skipped)
+        return RowBatch(
+            shard,
+            last,
+            np.asarray([index for index, _, _ in decoded], dtype=np.int64),
+            None if self.label_column is None else np.asarray([int(label) for _, label, _ in decoded], dtype=np.int64),
+            torch.from_numpy(pixels.reshape(-1, *pixels.shape[2:])),
+            skipped,
+        )
 
-
-def _collate(items):
-    return items
+    def preprocess(self, decoded: list, skipped: list[int]) -> tuple[list, np.ndarray]:
+        """The decoded `(index, label, image)` items that the processor accepts and their (n, V, C, R, R) pixels,
+        the whole batch at once; if the processor rejects an image, the items are redone one by one so that the
+        error names the row (or the row is skipped and added to `skipped`)."""
+        if decoded:
+            try:
+                return decoded, batch_variant_images(
+                    self.processor, [image for _, _, image in decoded], self.variant_ids
+                )
+            except ValueError:
+                pass
+        kept, pixels = [], []
+        for item in decoded:
+            try:
+                pixels.append(variant_images(self.processor, item[2], self.variant_ids))
+                kept.append(item)
+            except ValueError as error:
+                if not self.skip_bad_images:
+                    raise ValueError(f"image at row {item[0]} of {self.name}: {error}") from error
+                skipped.append(item[0])
+        if pixels:
+            return kept, np.stack(pixels)
+        resolution, channels = self.processor.resolution, self.processor.num_channels
+        return kept, np.zeros((0, len(self.variant_ids), channels, resolution, resolution), dtype=np.float32)
 
 
 def check_run_settings(output_dir: str, settings: dict, write: bool) -> None:
@@ -327,77 +394,116 @@ def write_shards(
     start_time = time.perf_counter()
     bar = tqdm(total=num_rows, unit="img", desc=f"tokenize [rank {rank}]", disable=not progress, position=rank)
     model.eval()
+    device = torch.device(device)
+    images_per_batch = max(1, batch_size // len(variant_ids))
 
-    def shards() -> Iterator[tuple[int, list]]:
+    def batches(shard: int, indices: Sequence[int], rows: list | None) -> list[tuple]:
+        """The shard's rows cut into batches: `(shard, last, indices, rows or None)`."""
+        step = images_per_batch
+        return [
+            (
+                shard,
+                first + step >= len(indices),
+                indices[first : first + step],
+                None if rows is None else rows[first : first + step],
+            )
+            for first in range(0, len(indices), step)
+        ]
+
+    def work() -> Iterator[list[tuple]]:
+        """Lists of batches, each list read by one DataLoader: every unfinished shard of this process at once for a
+        dataset (one set of worker processes), shard by shard for a stream (its rows are held in memory)."""
         if num_rows is not None:
+            todo = []
             for shard in range(rank, math.ceil(num_rows / shard_size), num_processes):
-                rows = range(shard * shard_size, min(num_rows, (shard + 1) * shard_size))
-                yield shard, [(i, None) for i in rows]
+                indices = range(shard * shard_size, min(num_rows, (shard + 1) * shard_size))
+                if os.path.isdir(shard_path(output_dir, shard)):
+                    stats.shards_skipped += 1
+                    bar.update(len(indices))
+                else:
+                    todo += batches(shard, indices, None)
+            yield todo
             return
         # A stream: rows are read in order (undecoded); this process keeps the rows of its unfinished shards.
-        current, rows = None, []
+        current, indices, rows = None, [], []
         for index, row in enumerate(source):
             shard = index // shard_size
             if shard % num_processes != rank or os.path.isdir(shard_path(output_dir, shard)):
                 continue
             if current is not None and shard != current:
-                yield current, rows
-                rows = []
+                yield batches(current, indices, rows)
+                indices, rows = [], []
             current = shard
-            rows.append((index, row))
+            indices.append(index)
+            rows.append(row)
         if rows:
-            yield current, rows
+            yield batches(current, indices, rows)
 
-    for shard, rows in shards():
-        final = shard_path(output_dir, shard)
-        if os.path.isdir(final):
-            stats.shards_skipped += 1
-            bar.update(len(rows))
+    parts: list[dict[str, np.ndarray]] = []  # the encoded batches of the shard being written
+    for todo in work():
+        if not todo:
             continue
         loader = torch.utils.data.DataLoader(
-            ShardRows(source, rows, image_column, label_column, processor, variant_ids, skip_bad_images, name),
-            batch_size=max(1, batch_size // len(variant_ids)),
+            RowBatches(source, todo, image_column, label_column, processor, variant_ids, skip_bad_images, name),
+            batch_size=None,  # items are whole batches
             num_workers=num_workers,
-            collate_fn=_collate,
+            pin_memory=device.type == "cuda",
         )
-        columns: dict[str, list] = {key: [] for key in features}
-        for items in loader:
-            good = [item for item in items if item[2] is not None]
-            for index, _, _ in (item for item in items if item[2] is None):
-                stats.skipped += 1
-                stats.skipped_rows.append(index)
-            if good:
-                pixels = torch.cat([item[2] for item in good]).to(device)
+        for batch in loader:
+            stats.skipped += len(batch.skipped)
+            stats.skipped_rows += batch.skipped
+            if len(batch.index):
                 encode_start = time.perf_counter()
                 with (
                     torch.no_grad(),
                     torch.autocast(
-                        device_type=torch.device(device).type,
+                        device_type=device.type,
                         dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None,
                     ),
                 ):
-                    indices = model.encode(pixels).indices
-                tokens = layout.to_tokens(indices).cpu().numpy().astype(dtype)
+                    codes = model.encode(batch.pixels.to(device, non_blocking=True)).indices
+                tokens = layout.to_tokens(codes).cpu().numpy().astype(dtype)
                 stats.encode_seconds += time.perf_counter() - encode_start
-                columns["tokens"].extend(tokens)
-                for index, label, _ in good:
-                    for vid in variant_ids:
-                        columns["index"].append(index)
-                        columns["variant"].append(vid)
-                        if label_column is not None:
-                            columns["label"].append(label)
-            stats.images += len(items)
-            bar.update(len(items))
-        stats.rows += len(columns["index"])
-        temporary = f"{final}.tmp-{rank}"
-        shutil.rmtree(temporary, ignore_errors=True)  # left by a killed run
-        datasets.Dataset.from_dict(columns, features=features).save_to_disk(temporary)
-        os.replace(temporary, final)  # a shard exists only once complete
-        stats.shards_written += 1
+                part = {"tokens": tokens}
+                if label_column is not None:
+                    part["label"] = np.repeat(batch.label, len(variant_ids))
+                part["index"] = np.repeat(batch.index, len(variant_ids))
+                part["variant"] = np.tile(np.asarray(variant_ids, dtype=np.int16), len(batch.index))
+                parts.append(part)
+            done = len(batch.index) + len(batch.skipped)
+            stats.images += done
+            bar.update(done)
+            if batch.last:
+                stats.rows += write_shard(shard_path(output_dir, batch.shard), parts, features, rank)
+                stats.shards_written += 1
+                parts = []
     bar.close()
     stats.seconds = time.perf_counter() - start_time
     return stats
+
+
+def write_shard(final: str, parts: list[dict[str, np.ndarray]], features: Any, rank: int) -> int:
+    """Write the encoded batches of one shard as a dataset folder (complete or absent); returns its rows."""
+    import datasets
+    import pyarrow as pa
+
+    columns = {}
+    for key, feature in features.items():
+        values = [part[key] for part in parts]
+        if key == "tokens":
+            length = feature.length
+            flat = np.concatenate([v.reshape(-1) for v in values]) if values else np.zeros(0, feature.feature.dtype)
+            columns[key] = pa.FixedSizeListArray.from_arrays(pa.array(flat), length)
+        else:
+            columns[key] = pa.array(np.concatenate(values) if values else np.zeros(0, feature.dtype))
+    table = pa.Table.from_arrays(list(columns.values()), schema=features.arrow_schema)
+    temporary = f"{final}.tmp-{rank}"
+    shutil.rmtree(temporary, ignore_errors=True)  # left by a killed run
+    # One file even for 0 rows (every image of the shard skipped): without any, load_from_disk fails.
+    datasets.Dataset(table, info=datasets.DatasetInfo(features=features)).save_to_disk(temporary, num_shards=1)
+    os.replace(temporary, final)  # a shard exists only once complete
+    return table.num_rows
 
 
 def merge_shards(output_dir: str, metadata: dict, num_shards: int | None = None) -> Any:
