@@ -280,20 +280,28 @@ def limit_seconds(num_rows, num_codes, code_dim, device, repeats):
     matrix, vector = torch.empty(num_rows, num_codes, device=device), torch.randn(num_codes, device=device)
     norms = codes.pow(2).sum(1)
 
-    def median(function):
-        values = []
-        for _ in range(repeats + 1):
+    calls = {
+        "gemm": lambda: torch.addmm(norms, rows, codes.T, alpha=-2, out=matrix),
+        "mv": lambda: torch.mv(matrix, vector),
+    }
+    medians = interleaved_medians(calls, device, repeats)
+    return medians["gemm"], medians["mv"]
+
+
+def interleaved_medians(calls: dict, device: torch.device, repeats: int) -> dict:
+    """Median seconds of each call over `repeats` rounds after one warm-up round, the calls alternated within a
+    round (device-synchronised wall time)."""
+    times = {name: [] for name in calls}
+    for _ in range(repeats + 1):
+        for name, call in calls.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             begin = time.perf_counter()
-            function()
+            call()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            values.append(time.perf_counter() - begin)
-        return statistics.median(values[1:])
-
-    gemm = median(lambda: torch.addmm(norms, rows, codes.T, alpha=-2, out=matrix))
-    return gemm, median(lambda: torch.mv(matrix, vector))
+            times[name].append(time.perf_counter() - begin)
+    return {name: statistics.median(values[1:]) for name, values in times.items()}
 
 
 def time_assignments(num_rows, num_codes, code_dim, device, repeats):
@@ -311,17 +319,7 @@ def time_assignments(num_rows, num_codes, code_dim, device, repeats):
         "sinkhorn-stream": lambda: assignment.sinkhorn_codes(rows, codes, *settings, streaming=True),
         "nearest": lambda: assignment.nearest_codes(rows, codes, module.chunk_size),
     }
-    times = {name: [] for name in calls}
-    for _ in range(repeats + 1):
-        for name, call in calls.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            begin = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - begin)
-    return {name: statistics.median(values[1:]) for name, values in times.items()}
+    return interleaved_medians(calls, device, repeats)
 
 
 def comparable_indices(method: str, indices: torch.Tensor) -> torch.Tensor:

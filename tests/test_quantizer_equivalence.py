@@ -132,26 +132,30 @@ def test_untrusted_batches_are_solved_again_in_the_log_domain(monkeypatch):
     assert fallbacks == [1]  # a trusted batch is solved once
 
 
-class HostReads(TorchDispatchMode):
-    """Counts the operations that copy a tensor's value to the host (`.item()`, `bool()`, `.tolist()`)."""
+class OperatorCount(TorchDispatchMode):
+    """Counts the calls of the given aten operators."""
 
-    def __init__(self):
+    def __init__(self, *operators):
         super().__init__()
-        self.count = 0
+        self.operators, self.count = operators, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+        if func in self.operators:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+# The operators that copy a tensor's value to the host (`.item()`, `bool()`, `.tolist()`).
+HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_the_solver_reads_one_value_on_the_host_after_its_iterations(streaming):
     rows, codes = features_and_codes(512, 64, 8, seed=3)
-    with HostReads() as reads:
+    with OperatorCount(*HOST_READS) as reads:
         assignment._exp_domain_indices(rows, codes, 10.0, 5, "all", 100, False, streaming)
     assert reads.count == 0
-    with HostReads() as reads:
+    with OperatorCount(*HOST_READS) as reads:
         solve(rows, codes, streaming=streaming)
     assert reads.count == 1  # whether the certificate vouched for the batch
 
@@ -240,26 +244,14 @@ def test_nearest_codes_equal_the_exact_argmin():
         assert torch.equal(assignment.nearest_codes(rows, codes, chunk_size), exact)
 
 
-class MatrixProducts(TorchDispatchMode):
-    """Counts matrix-matrix products (the distance tiles: streaming recomputes them on every pass)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("iterations", [1, 5])
 def test_streaming_reads_the_features_once_per_iteration(iterations):
     # passes over the distances: statistics, kernel + first column sums, one per further iteration (its row
     # half-step and the next column sums share the pass), the argmax
     rows, codes = features_and_codes(600, 64, 8, seed=9)
     tile_rows, num_tiles = 100, 6
-    with MatrixProducts() as products:
+    # matrix-matrix products: the distance tiles, which streaming recomputes on every pass
+    with OperatorCount(torch.ops.aten.mm.default, torch.ops.aten.mm.out) as products:
         indices, trusted = assignment._exp_domain_indices(rows, codes, 10.0, iterations, "all", tile_rows, False, True)
     assert bool(trusted)
     assert products.count == (iterations + 2) * num_tiles
