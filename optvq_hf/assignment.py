@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import mmap
 import sys
 
 import torch
@@ -230,7 +231,7 @@ def _advise_huge_pages(matrix: torch.Tensor) -> None:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
             _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        page = 4096
+        page = mmap.PAGESIZE
         start = -(-matrix.data_ptr() // page) * page  # madvise needs a page-aligned start
         length = (matrix.data_ptr() + size - start) // page * page
         _libc.madvise(start, length, _MADV_HUGEPAGE)  # a failure (return -1) leaves the usual pages
