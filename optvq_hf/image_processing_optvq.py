@@ -190,8 +190,38 @@ class OptVQImageProcessor(PilBackend):
         kwargs = self._standardize_kwargs(**kwargs)
         self._validate_preprocess_kwargs(**kwargs)
         kwargs["return_tensors"] = None
-        arrays = [self.process_image(image, **kwargs) for image in images]
-        return np.stack(self._preprocess(arrays, **kwargs)["pixel_values"])
+        size, resample = kwargs["size"], _resample(kwargs["resample"])
+        if kwargs["do_pad"] or not (kwargs["do_rescale"] and kwargs["do_normalize"]):
+            arrays = [self.process_image(image, **kwargs) for image in images]
+            return np.stack(self._preprocess(arrays, **kwargs)["pixel_values"])
+        # The same steps with less per-image work: a PIL filter resizes the converted PIL image itself (not a copy
+        # made back from its array), and the rescale and normalisation, elementwise, run once on the stacked batch
+        # with transformers' dtypes (float64 product, float32 result, float32 mean and std), so the values are
+        # identical.
+        direct_resize = kwargs["do_resize"] and resample != OPENCV_BILINEAR and _is_shortest_edge(size)
+        crops = []
+        for image in images:
+            pil = self._model_pil_image(
+                image, kwargs["do_convert_rgb"], kwargs["input_data_format"], kwargs["num_channels"]
+            )
+            if direct_resize:
+                pil = pil.resize(_shortest_edge_size(pil.height, pil.width, size.shortest_edge)[::-1], resample)
+            array = np.asarray(pil)
+            array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+            if kwargs["do_resize"] and not direct_resize:
+                array = self.resize(array, size, resample=resample)
+            if kwargs["do_center_crop"]:
+                array = self.center_crop(array, kwargs["crop_size"])
+            crops.append(array)
+        batch = (np.stack(crops).astype(np.float64) * kwargs["rescale_factor"]).astype(np.float32)
+        channels = batch.shape[1]
+        mean, std = (
+            np.asarray(value if isinstance(value, Sequence) else [value] * channels, dtype=np.float32)[:, None, None]
+            for value in (kwargs["image_mean"], kwargs["image_std"])
+        )
+        if mean.shape[0] != channels or std.shape[0] != channels:
+            raise ValueError(f"image_mean and image_std must have {channels} values (or be scalars)")
+        return (batch - mean) / std
 
     def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[Any]:
         """A 4D array / tensor is a batch; a 2D or 3D one, a PIL image, one image; a list, one image per item
@@ -222,6 +252,17 @@ class OptVQImageProcessor(PilBackend):
         **kwargs,
     ) -> np.ndarray:
         """One input -> uint8 (C, H, W) in the model's channel mode, through `image_modes.to_pil_image`."""
+        array = np.asarray(self._model_pil_image(image, do_convert_rgb, input_data_format, num_channels))
+        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+    def _model_pil_image(
+        self,
+        image: Any,
+        do_convert_rgb: bool | None,
+        input_data_format: str | ChannelDimension | None,
+        num_channels: int | None = None,
+    ) -> PIL.Image.Image:
+        """One input -> an 8-bit PIL image in the model's channel mode (L or RGB), checked."""
         num_channels = self.num_channels if num_channels is None else num_channels
         if isinstance(image, PIL.Image.Image):
             source_channels = len(image.getbands())
@@ -261,18 +302,15 @@ class OptVQImageProcessor(PilBackend):
         pil = to_pil_image(image, num_channels)  # dtype and value-range rules: optvq_hf.image_modes
         if min(pil.size) == 0:
             raise ValueError(f"image of size {pil.size[0]}x{pil.size[1]} has no pixels")
-        array = np.asarray(pil)
-        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        return pil
 
     def resize(self, image: np.ndarray, size: SizeDict, resample: Any = None, **kwargs) -> np.ndarray:
         """Shortest-edge resize with the long side rounded (transformers truncates it); "opencv_bilinear" for
         shortest-edge and (height, width) sizes; other sizes: standard."""
         resample = _resample(self.resample if resample is None else resample)
         channels, height, width = image.shape
-        if size.shortest_edge and not size.longest_edge and image.dtype == np.uint8:
-            target = size.shortest_edge
-            scale = target / min(height, width)
-            new_height, new_width = max(target, round(height * scale)), max(target, round(width * scale))
+        if _is_shortest_edge(size) and image.dtype == np.uint8:
+            new_height, new_width = _shortest_edge_size(height, width, size.shortest_edge)
         elif resample == OPENCV_BILINEAR and size.height and size.width and not size.shortest_edge:
             new_height, new_width = size.height, size.width
         elif resample == OPENCV_BILINEAR:
@@ -319,6 +357,16 @@ class OptVQImageProcessor(PilBackend):
         if output_type == "np":
             return images
         return [PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image) for image in images]
+
+
+def _is_shortest_edge(size: SizeDict) -> bool:
+    return bool(size.shortest_edge) and not size.longest_edge
+
+
+def _shortest_edge_size(height: int, width: int, target: int) -> tuple[int, int]:
+    """(height, width) with the shorter side `target` and the longer one rounded (transformers truncates it)."""
+    scale = target / min(height, width)
+    return max(target, round(height * scale)), max(target, round(width * scale))
 
 
 def _check_resolution(resolution: Any) -> None:

@@ -287,10 +287,18 @@ def mode_images() -> list[PIL.Image.Image]:
     return images
 
 
+# The batched path (default scaling, per-channel mean and std) and the per-image one (no normalisation).
+SCALINGS = [{}, {"image_mean": [0.5, 0.25, 0.75], "image_std": [0.5, 2.0, 0.3]}, {"do_normalize": False}]
+
+
 @pytest.mark.parametrize("resample", [None, "bilinear", "opencv_bilinear"])
 @pytest.mark.parametrize("num_channels", [3, 1])
-def test_pixel_array_equals_preprocess_bit_for_bit(resample, num_channels):
-    processor = OptVQImageProcessor(resolution=18, resample=resample, num_channels=num_channels)
+@pytest.mark.parametrize("scaling", range(len(SCALINGS)))
+def test_pixel_array_equals_preprocess_bit_for_bit(resample, num_channels, scaling):
+    scaling = dict(SCALINGS[scaling])
+    if num_channels == 1 and "image_mean" in scaling:
+        scaling = {key: value[:1] for key, value in scaling.items()}
+    processor = OptVQImageProcessor(resolution=18, resample=resample, num_channels=num_channels, **scaling)
     images = mode_images()
     for resolution in (None, 20):
         fast = processor.pixel_array(images, resolution=resolution)
