@@ -195,10 +195,11 @@ class OptVQImageProcessor(PilBackend):
             arrays = [self.process_image(image, **kwargs) for image in images]
             return np.stack(self._preprocess(arrays, **kwargs)["pixel_values"])
         # The same steps with less per-image work: a PIL filter resizes the converted PIL image itself (not a copy
-        # made back from its array), and the rescale and normalisation, elementwise, run once on the stacked batch
-        # with transformers' dtypes (float64 product, float32 result, float32 mean and std), so the values are
-        # identical.
+        # made back from its array), the center crop is a slice of the (H, W, C) array, and the rescale and
+        # normalisation are one lookup per pixel in a table of the 256 values of each channel computed with
+        # transformers' dtypes (float64 product, float32 result, float32 mean and std): identical values.
         direct_resize = kwargs["do_resize"] and resample != OPENCV_BILINEAR and _is_shortest_edge(size)
+        crop = kwargs["crop_size"] if kwargs["do_center_crop"] else None
         crops = []
         for image in images:
             pil = self._model_pil_image(
@@ -207,21 +208,27 @@ class OptVQImageProcessor(PilBackend):
             if direct_resize:
                 pil = pil.resize(_shortest_edge_size(pil.height, pil.width, size.shortest_edge)[::-1], resample)
             array = np.asarray(pil)
-            array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+            array = array[..., None] if array.ndim == 2 else array
             if kwargs["do_resize"] and not direct_resize:
-                array = self.resize(array, size, resample=resample)
-            if kwargs["do_center_crop"]:
-                array = self.center_crop(array, kwargs["crop_size"])
+                array = self.resize(array.transpose(2, 0, 1), size, resample=resample).transpose(1, 2, 0)
+            if crop is not None:
+                top, left = _center_crop_corner(*array.shape[:2], crop)
+                array = array[top : top + crop.height, left : left + crop.width]
             crops.append(array)
-        batch = (np.stack(crops).astype(np.float64) * kwargs["rescale_factor"]).astype(np.float32)
-        channels = batch.shape[1]
+        batch = np.stack(crops)  # (B, H, W, C) uint8
+        channels = batch.shape[-1]
         mean, std = (
-            np.asarray(value if isinstance(value, Sequence) else [value] * channels, dtype=np.float32)[:, None, None]
+            np.asarray(value if isinstance(value, Sequence) else [value] * channels, dtype=np.float32)[:, None]
             for value in (kwargs["image_mean"], kwargs["image_std"])
         )
         if mean.shape[0] != channels or std.shape[0] != channels:
             raise ValueError(f"image_mean and image_std must have {channels} values (or be scalars)")
-        return (batch - mean) / std
+        levels = (np.arange(256, dtype=np.float64) * kwargs["rescale_factor"]).astype(np.float32)
+        table = (levels[None, :] - mean) / std  # (C, 256)
+        out = np.empty((batch.shape[0], channels, *batch.shape[1:3]), dtype=np.float32)
+        for channel in range(channels):
+            np.take(table[channel], batch[..., channel], out=out[:, channel], mode="clip")
+        return out
 
     def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[Any]:
         """A 4D array / tensor is a batch; a 2D or 3D one, a PIL image, one image; a list, one image per item
@@ -329,12 +336,8 @@ class OptVQImageProcessor(PilBackend):
 
     def center_crop(self, image: np.ndarray, size: SizeDict, **kwargs) -> np.ndarray:
         """Standard center crop, but an image smaller than the crop is an error, not silently zero-padded."""
-        height, width = image.shape[-2:]
-        if size.height is not None and size.width is not None and (height < size.height or width < size.width):
-            raise ValueError(
-                f"image of size {width}x{height} is smaller than the crop {size.width}x{size.height}; "
-                f"enable do_resize or lower crop_size"
-            )
+        if size.height is not None and size.width is not None:
+            _center_crop_corner(*image.shape[-2:], size)  # the check
         return super().center_crop(image, size, **kwargs)
 
     # -- model outputs -> images --------------------------------------------------------------------------------------
@@ -367,6 +370,17 @@ def _shortest_edge_size(height: int, width: int, target: int) -> tuple[int, int]
     """(height, width) with the shorter side `target` and the longer one rounded (transformers truncates it)."""
     scale = target / min(height, width)
     return max(target, round(height * scale)), max(target, round(width * scale))
+
+
+def _center_crop_corner(height: int, width: int, crop: SizeDict) -> tuple[int, int]:
+    """(top, left) of transformers' center crop of an image of this size (which rounds the offsets down); an image
+    smaller than the crop is an error."""
+    if height < crop.height or width < crop.width:
+        raise ValueError(
+            f"image of size {width}x{height} is smaller than the crop {crop.width}x{crop.height}; "
+            f"enable do_resize or lower crop_size"
+        )
+    return (height - crop.height) // 2, (width - crop.width) // 2
 
 
 def _check_resolution(resolution: Any) -> None:
