@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of the quantizer and the model in one call (about 6 minutes on an H100), from the repository root:
+# The GPU checks of the quantizer, the model and the tokenization pipeline in one call, from the repository root
+# (estimated at 7 minutes on an H100; it has not run on a GPU yet):
 #
 #     bash benchmarks/gpu_check.sh                # results printed and written to $OUT (or benchmarks/gpu_results)
 #
@@ -52,3 +53,7 @@ EOF
 "$PYTHON" benchmarks/model.py --device cuda --batch 32 --repeats 5 2>&1 | tee "$RESULTS/model.txt"
 "$PYTHON" benchmarks/model.py --device cuda --batch 32 --repeats 5 --bf16 --channels_last 2>&1 \
     | tee -a "$RESULTS/model.txt"
+
+# 5. The tokenization pipeline (examples/tokenize_dataset.py's data path, default workers, bf16 autocast) against
+#    the model's eval-mode encode of the same images already on the GPU.
+"$PYTHON" benchmarks/tokenization.py --repeats 3 2>&1 | tee "$RESULTS/tokenization.txt"

@@ -8,8 +8,9 @@ already preprocessed in memory.
 (Not named `tokenize.py`: in this folder that name would shadow the standard library's `tokenize` module for every
 benchmark run as a script, and torch would fail to import.)
 
-Prints one row per (config, workers): images/s of each (best of --repeats alternated runs) and the ratio
-pipeline / model-only (target >= 90%). Both run in this process with the same torch threads (printed): set
+Prints one row per (config, workers): images/s of each (best of --repeats alternated rounds) and the ratio
+pipeline / model-only, each round's pipeline against the model-only run just before it: the median of the rounds
+and their range (target >= 90%). Both run in this process with the same torch threads (printed): set
 OMP_NUM_THREADS to choose them; the default workers follow `token_data.default_num_workers` for these threads.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 
@@ -40,9 +42,9 @@ TINY = dict(
     num_codes=64,
 )
 CONFIGS = {"tiny": TINY, "default": {}}
-# Enough tiny images that the run's fixed costs (starting and stopping the workers, about 0.1 s) do not dominate:
-# the steady state of a real dataset's run.
-DEFAULT_IMAGES = {"tiny": 8192, "default": 16}
+# Enough images that the run's fixed costs (starting and stopping the workers, about 0.1 s; on a GPU also the
+# first batches' kernel selection) do not dominate: the steady state of a real dataset's run.
+DEFAULT_IMAGES = {"cpu": {"tiny": 8192, "default": 16}, "cuda": {"tiny": 16384, "default": 1024}}
 
 
 def make_images(folder: str, count: int, resolution: int) -> None:
@@ -54,11 +56,15 @@ def make_images(folder: str, count: int, resolution: int) -> None:
         image.save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
 
 
-def model_only(model, processor, rows, batch_size, device) -> float:
-    """images/s of eval-mode encoding of already preprocessed images (after one warm-up batch)."""
-    pixels = torch.cat(
+def preprocessed(processor, rows, device) -> torch.Tensor:
+    """The pixel values of all the rows, by the image processor, on the device."""
+    return torch.cat(
         [processor(token_data.to_pil(rows[i]["image"], f"row {i}"))["pixel_values"] for i in range(len(rows))]
     ).to(device)
+
+
+def model_only(model, pixels, batch_size, device) -> float:
+    """images/s of eval-mode encoding of already preprocessed images (after one warm-up batch)."""
     autocast = device.type == "cuda"
     with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         model.encode(pixels[:batch_size])
@@ -95,12 +101,17 @@ def pipeline(model, processor, rows, batch_size, workers, device, folder) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["tiny", "default"], choices=sorted(CONFIGS))
-    parser.add_argument("--images", type=int, default=None, help="images per config (default: 8192 tiny, 16 default)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="images per config (default: 8192 tiny and 16 default on CPU, 16384 and 1024 on a GPU)",
+    )
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument(
         "--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: the script's default)"
     )
-    parser.add_argument("--repeats", type=int, default=4, help="alternated measurements, the best one is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="alternated rounds (model-only, then each pipeline)")
     args = parser.parse_args()
     import datasets
 
@@ -110,10 +121,13 @@ def main() -> None:
     if args.workers is None:
         args.workers = [default_workers]
     print(f"device {device}, torch threads {torch.get_num_threads()}, default workers {default_workers}")
-    print("| config | images | workers | model-only img/s | pipeline img/s | pipeline / model |")
+    print(
+        "| config | images | workers | model-only img/s (best) | pipeline img/s (best) | pipeline / model"
+        " (median, range) |"
+    )
     print("|---|---|---|---|---|---|")
     for name in args.configs:
-        count = args.images or DEFAULT_IMAGES[name]
+        count = args.images or DEFAULT_IMAGES[device.type][name]
         torch.manual_seed(0)
         model = OptVQModel(OptVQConfig(**CONFIGS[name])).to(device).eval()
         processor = OptVQImageProcessor.from_model_config(model.config)
@@ -124,16 +138,24 @@ def main() -> None:
             rows = datasets.load_dataset("imagefolder", data_dir=images, split="train")
             rows = rows.cast_column("image", datasets.Image(decode=False))
             batch = min(args.batch_size, count)
-            # Alternated and best of `repeats`: on a shared machine the load changes between measurements.
+            pixels = preprocessed(processor, rows, device)
+            # Alternated rounds: on a shared machine the load changes between measurements, so each round's
+            # pipeline is compared with the model-only run just before it, and the median of these ratios is kept.
             reference, rates = 0.0, dict.fromkeys(args.workers, 0.0)
+            ratios = {workers: [] for workers in args.workers}
             for repeat in range(args.repeats):
-                reference = max(reference, model_only(model, processor, rows, batch, device))
+                model_rate = model_only(model, pixels, batch, device)
+                reference = max(reference, model_rate)
                 for workers in args.workers:
                     out = os.path.join(tmp, f"out{workers}-{repeat}")
-                    rates[workers] = max(rates[workers], pipeline(model, processor, rows, batch, workers, device, out))
+                    rate = pipeline(model, processor, rows, batch, workers, device, out)
+                    rates[workers] = max(rates[workers], rate)
+                    ratios[workers].append(rate / model_rate)
             for workers, rate in rates.items():
+                low, mid, high = min(ratios[workers]), statistics.median(ratios[workers]), max(ratios[workers])
                 print(
-                    f"| {name} | {count} | {workers} | {reference:.2f} | {rate:.2f} | {100 * rate / reference:.0f}% |"
+                    f"| {name} | {count} | {workers} | {reference:.2f} | {rate:.2f} | {100 * mid:.0f}% "
+                    f"({100 * low:.0f}-{100 * high:.0f}%) |"
                 )
 
 

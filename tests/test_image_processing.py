@@ -116,6 +116,8 @@ def test_bad_settings_raise():
         OptVQImageProcessor(resample="cubic")
     with pytest.raises(ValueError, match="smaller than the crop"):
         OptVQImageProcessor(resolution=16, do_resize=False)(np.zeros((8, 8, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="image of size 8x20 is smaller than the crop 16x16"):
+        OptVQImageProcessor(resolution=16, do_resize=False).pixel_array([np.zeros((20, 8, 3), dtype=np.uint8)])
     with pytest.raises(ValueError, match="output_type"):
         OptVQImageProcessor().postprocess(torch.zeros(1, 3, 2, 2), output_type="torch")
 
@@ -310,3 +312,16 @@ def test_pixel_array_equals_preprocess_bit_for_bit(resample, num_channels, scali
             assert np.array_equal(pixels, expected)
     with pytest.raises(ValueError, match="no images"):
         processor.pixel_array([])
+
+
+@pytest.mark.parametrize("settings", [{"do_resize": False}, {"do_resize": False, "do_center_crop": False}])
+def test_pixel_array_without_resize_or_crop_equals_preprocess(settings):
+    images = [
+        PIL.Image.fromarray(np.random.default_rng(seed).integers(0, 256, (23, 30, 3), dtype=np.uint8))
+        for seed in range(3)
+    ]
+    processor = OptVQImageProcessor(resolution=18, **settings)
+    fast = processor.pixel_array(images)
+    assert fast.shape == ((3, 3, 18, 18) if "do_center_crop" not in settings else (3, 3, 23, 30))
+    for image, pixels in zip(images, fast):
+        assert np.array_equal(pixels, processor.preprocess(image, return_tensors=None)["pixel_values"][0])
