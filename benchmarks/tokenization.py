@@ -4,6 +4,7 @@ already preprocessed in memory.
 
     python benchmarks/tokenization.py                       # tiny and default config, CPU (or the GPU if present)
     python benchmarks/tokenization.py --configs tiny --images 512 --workers 0 1 2
+    python benchmarks/tokenization.py --configs tiny --breakdown       # also where the time goes, batch by batch
 
 (Not named `tokenize.py`: in this folder that name would shadow the standard library's `tokenize` module for every
 benchmark run as a script, and torch would fail to import.)
@@ -98,6 +99,28 @@ def pipeline(model, processor, rows, batch_size, workers, device, folder) -> flo
     return len(rows) / (time.perf_counter() - start)
 
 
+def breakdown(model, processor, rows, pixels, batch_size) -> dict[str, float]:
+    """Median ms per image, batch by batch in this process (0 workers): the encode of an already preprocessed batch
+    right after another encode, the data path of the next batch (Arrow read, decode, preprocess: one DataLoader
+    item of the pipeline), then the encode of that batch right after it. Alternating batch by batch makes the
+    comparison immune to the load changes of a shared machine and shows whether the data path slows the encode."""
+    batches = [(0, False, range(i, min(len(rows), i + batch_size)), None) for i in range(0, len(rows), batch_size)]
+    items = token_data.RowBatches(rows, batches, "image", None, processor, [0], False, "the benchmark images")
+    times = {"encode after encode": [], "data path": [], "encode after the data path": []}
+    with torch.no_grad():
+        for k, (_, _, indices, _) in enumerate(batches):
+            begin = time.perf_counter()
+            model.encode(pixels[indices.start : indices.stop]).indices.cpu()
+            encoded = time.perf_counter()
+            item = items[k]
+            prepared = time.perf_counter()
+            model.encode(item.pixels.to(pixels.device)).indices.cpu()
+            end = time.perf_counter()
+            for name, seconds in zip(times, (encoded - begin, prepared - encoded, end - prepared)):
+                times[name].append(1e3 * seconds / len(indices))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=["tiny", "default"], choices=sorted(CONFIGS))
@@ -110,6 +133,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument(
         "--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: the script's default)"
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also where the time goes, batch by batch (0 workers, CPU)"
     )
     parser.add_argument("--repeats", type=int, default=5, help="alternated rounds (model-only, then each pipeline)")
     args = parser.parse_args()
@@ -156,6 +182,14 @@ def main() -> None:
                 print(
                     f"| {name} | {count} | {workers} | {reference:.2f} | {rate:.2f} | {100 * mid:.0f}% "
                     f"({100 * low:.0f}-{100 * high:.0f}%) |"
+                )
+            if args.breakdown:
+                parts = breakdown(model, processor, rows, pixels, batch)
+                bound = parts["encode after encode"] / (parts["encode after encode"] + parts["data path"])
+                print(
+                    f"  {name}, median ms/image: "
+                    + ", ".join(f"{part} {value:.3f}" for part, value in parts.items())
+                    + f"; data path in turn with the encode: at most {100 * bound:.0f}%"
                 )
 
 

@@ -153,6 +153,44 @@ def test_resume_skips_finished_shards(tokenizer_dir, image_dir, tmp_path, fresh_
         run(tokenizer_dir, image_dir, out, "--variants", "center", "flip")
 
 
+# Runs examples/tokenize_dataset.py in a process that SIGKILLs itself at the worst moment: the second shard fully
+# written to its temporary folder, just before the rename that commits it.
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import runpy
+real_replace = os.replace
+def replace(source, target):
+    if os.path.basename(target) == "shard-00001":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(source, target)
+os.replace = replace
+sys.argv = [os.path.join(sys.argv[1], "examples", "tokenize_dataset.py"), *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill(tokenizer_dir, image_dir, tmp_path, fresh_accelerate_state):
+    out = tmp_path / "out"
+    argv = ["--tokenizer", tokenizer_dir, "--train_data_dir", image_dir, "--output_dir", str(out)]
+    argv += ["--shard_size", "2", "--batch_size", "4", "--dataloader_num_workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPOSITORY)}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, str(REPOSITORY), *argv], env=env, capture_output=True, timeout=300
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    left = sorted(os.listdir(out / "shards"))
+    assert "shard-00000" in left and "shard-00001.tmp-0" in left and "shard-00001" not in left
+    assert not (out / "dataset").exists()
+    finished = os.stat(out / "shards" / "shard-00000" / "state.json").st_mtime_ns
+    resumed = run(tokenizer_dir, image_dir, out)
+    assert os.stat(out / "shards" / "shard-00000" / "state.json").st_mtime_ns == finished  # not redone
+    assert not any(".tmp" in name for name in os.listdir(out / "shards"))
+    reference = run(tokenizer_dir, image_dir, tmp_path / "uninterrupted")
+    assert resumed.dataset.to_dict() == reference.dataset.to_dict()
+
+
 def test_bad_input(tokenizer_dir, image_dir, tmp_path, fresh_accelerate_state):
     with pytest.raises(ValueError, match="image_column 'picture' is not a column"):
         run(tokenizer_dir, image_dir, tmp_path / "a", "--image_column", "picture")
