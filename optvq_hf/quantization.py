@@ -246,6 +246,13 @@ class SinkhornQuantizer(VectorQuantizer):
             `True` holds none and recomputes row tiles of `chunk_size` rows from the features on every pass (memory
             O(chunk_size x K); for very large codebooks), `None` (default) streams when the matrix would exceed
             `STREAMING_MIN_BYTES`. Same assignments either way.
+
+    Under `torch.compile` in training mode the solver runs eagerly, outside the graph (one graph break):
+    the eager exp-domain solver takes about half the time of the compiled log-domain one, the only solver a graph
+    can hold (benchmarks/README.md), and its output, integer indices, has no gradient to trace. For
+    `torch.compile(fullgraph=True)` of a training step set the attribute `solver_in_graph = True`: the log-domain
+    solver is then traced into the graph (same indices, slower). `torch.export` and `torch.jit.trace` always trace
+    it.
     """
 
     def __init__(
@@ -280,6 +287,7 @@ class SinkhornQuantizer(VectorQuantizer):
         self.cost_normalization = cost_normalization
         self.inference_assignment = inference_assignment
         self.streaming = streaming
+        self.solver_in_graph = False
 
     def sinkhorn_codes(self, rows: torch.Tensor, codes: torch.Tensor, distributed: bool) -> torch.Tensor:
         return sinkhorn_codes(
@@ -295,7 +303,10 @@ class SinkhornQuantizer(VectorQuantizer):
 
     def assign(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         if self.training:
-            return self.sinkhorn_codes(rows, codes, distributed=distributed_group_active())
+            distributed = distributed_group_active()
+            if torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not self.solver_in_graph:
+                return _sinkhorn_codes_eagerly(self, rows, codes, distributed)
+            return self.sinkhorn_codes(rows, codes, distributed=distributed)
         if self.inference_assignment == "sinkhorn":
             return self.sinkhorn_codes(rows, codes, distributed=False)
         return nearest_codes(rows, codes, self.chunk_size)
@@ -309,3 +320,12 @@ class SinkhornQuantizer(VectorQuantizer):
 
 
 __all__ = ["QuantizerOutput", "SinkhornQuantizer", "VectorQuantizer", "checks_tensor_values", "sinkhorn"]
+
+
+@torch.compiler.disable
+def _sinkhorn_codes_eagerly(
+    quantizer: SinkhornQuantizer, rows: torch.Tensor, codes: torch.Tensor, distributed: bool
+) -> torch.Tensor:
+    """`quantizer.sinkhorn_codes` run by Python even when called from compiled code (a graph break): the exp-domain
+    solver with its fallback, which reads a value on the host."""
+    return quantizer.sinkhorn_codes(rows, codes, distributed)

@@ -147,6 +147,34 @@ def test_compiled_training_step_matches_eager():
         torch.testing.assert_close(compiled_grad, eager_grad, atol=1e-6, rtol=1e-5)
 
 
+def test_compiled_training_solves_outside_the_graph(monkeypatch):
+    # Under torch.compile in training mode the exp-domain solver runs eagerly (the only graph break) with the eager
+    # indices; with solver_in_graph the log-domain solver is traced instead, and fullgraph=True captures the step.
+    from optvq_hf import assignment
+
+    torch.manual_seed(0)
+    model = OptVQModel(OptVQConfig(**tiny_config_kwargs())).train()
+    inputs = method_inputs(model, "forward")
+    calls = []
+    solve = assignment._exp_domain_indices
+    monkeypatch.setattr(assignment, "_exp_domain_indices", lambda *args: calls.append(1) or solve(*args))
+    expected = model(inputs).indices
+    torch._dynamo.reset()
+    reasons = [str(b.reason) for b in torch._dynamo.explain(model)(inputs).break_reasons]
+    assert reasons and all("_sinkhorn_codes_eagerly" in reason for reason in reasons), reasons  # the only break
+    calls.clear()
+    assert torch.equal(torch.compile(model, backend="eager")(inputs).indices, expected)
+    assert calls == [1]
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="disable"):
+        torch.compile(model, fullgraph=True, backend="eager")(inputs)
+    model.quantizer.solver_in_graph = True
+    torch._dynamo.reset()
+    calls.clear()
+    assert torch.equal(torch.compile(model, fullgraph=True, backend="eager")(inputs).indices, expected)
+    assert calls == []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # accelerate offload
 # ---------------------------------------------------------------------------------------------------------------------
