@@ -177,10 +177,10 @@ class OptVQImageProcessor(PilBackend):
 
     def pixel_array(self, images: Sequence[Any], resolution: int | None = None) -> np.ndarray:
         """(B, C, R, R) float32 `pixel_values` of a list of images with this processor's settings (at `resolution`
-        if given): `preprocess(images, resolution=resolution, return_tensors=None)` stacked, through the same
-        per-image steps (`process_image`, then `_preprocess`), with the settings resolved and validated once per
-        call instead of once per image. For data loaders: on small images the per-call argument handling of
-        `preprocess` costs more than the resize itself."""
+        if given): `preprocess(images, resolution=resolution, return_tensors=None)` stacked, value for value, with
+        the settings resolved and validated once per call instead of once per image, and the per-pixel arithmetic
+        done once for the batch. For data loaders: on small images the per-call argument handling of `preprocess`
+        costs more than the resize itself."""
         if len(images) == 0:
             raise ValueError("no images to preprocess")
         kwargs = {name: getattr(self, name, None) for name in self._valid_kwargs_names}
