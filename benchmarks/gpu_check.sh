@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the quantizer, the model and the tokenization pipeline in one call, from the repository root
-# (estimated at 7 minutes on an H100; it has not run on a GPU yet):
+# (estimated at 8-10 minutes on an H100, each step writing its results as it ends; it has not run on a GPU yet):
 #
 #     bash benchmarks/gpu_check.sh                # results printed and written to $OUT (or benchmarks/gpu_results)
 #
