@@ -185,7 +185,8 @@ def step_ratio(args, device: torch.device) -> None:
             if weights is None:
                 weights = model.state_dict()
             model.load_state_dict(weights)
-            model.quantizer.solver_in_graph = variant.endswith("-in-graph")
+            if quantizer_type == "optvq":
+                model.quantizer.solver_in_graph = variant.endswith("-in-graph")
             models[variant] = torch.compile(model) if args.compile else model
             optimizers[variant] = torch.optim.AdamW(model.parameters(), lr=1e-4)
         size = OptVQConfig(**CONFIGS[config_name]).resolution

@@ -319,9 +319,6 @@ class SinkhornQuantizer(VectorQuantizer):
         )
 
 
-__all__ = ["QuantizerOutput", "SinkhornQuantizer", "VectorQuantizer", "checks_tensor_values", "sinkhorn"]
-
-
 @torch.compiler.disable
 def _sinkhorn_codes_eagerly(
     quantizer: SinkhornQuantizer, rows: torch.Tensor, codes: torch.Tensor, distributed: bool
@@ -329,3 +326,6 @@ def _sinkhorn_codes_eagerly(
     """`quantizer.sinkhorn_codes` run by Python even when called from compiled code (a graph break): the exp-domain
     solver with its fallback, which reads a value on the host."""
     return quantizer.sinkhorn_codes(rows, codes, distributed)
+
+
+__all__ = ["QuantizerOutput", "SinkhornQuantizer", "VectorQuantizer", "checks_tensor_values", "sinkhorn"]
