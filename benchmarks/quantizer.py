@@ -7,9 +7,10 @@ Compares, in one run and on the same inputs:
 - `optvq-stream`: the same in streaming mode (no (N, K) matrix; tiles recomputed on every pass),
 - `log-domain`: the plain log-domain solver (the exact fallback, and what `torch.compile` traces), eager,
 - `log-compiled`: the same with its iterations under `torch.compile`,
-- `previous` (only with --methods): an earlier, guard-free exp-domain solver (not the original's algorithm: it
-  drops the +1e-8 guards), loaded from git (`git show 2ed03b4:optvq_hf/assignment.py`), skipped outside a git
-  checkout,
+- `previous` (only with --methods): the solver of an earlier commit, loaded from git (`git show
+  REV:optvq_hf/assignment.py`, REV from `--previous-commit`), for A/B comparisons of solver changes; skipped outside a
+  git checkout. The default, 2ed03b4, is a guard-free exp-domain solver (not the original's algorithm: it drops the
+  +1e-8 guards),
 - `original`: the original OptVQ algorithm, `optvq_hf.conversion.original_reference.original_sinkhorn` (its
   transcription: cdist, (D - mean) / (std + 1e-6), minus the min, exp, 5 in-place scaling iterations with the +1e-8
   guards, argmax), the baseline the paper's users run,
@@ -24,9 +25,12 @@ codes shared by the heads. Each call is `loss = out.loss + mean(out.quantized **
     python benchmarks/quantizer.py --sizes 16384,4096,64 --repeats 9
     python benchmarks/quantizer.py --device cuda --sizes 32768,16384,64 32768,65536,64
 
-Time: median over `--repeats` calls after `--warmup` calls, the methods interleaved call by call (other processes on
-the machine slow all of them alike); CUDA times come from CUDA events. Memory: the peak above what was allocated
-before the call (the inputs, parameters and module state). CUDA: `torch.cuda.max_memory_allocated`. CPU: the peak
+Time: median over `--repeats` rounds after `--warmup` rounds. A round calls every method once, then the limit's
+GEMM and passes, then the assignments alone, so that a change of the machine's speed (other processes on shared
+cores) reaches them alike; the ratios to the limit are taken round by round (median and range). CUDA times come
+from CUDA events. Memory: the peak above what was allocated
+before the call (the inputs, parameters and module state; the kernel matrix the quantizer keeps between calls on CPU
+is counted as the call's). CUDA: `torch.cuda.max_memory_allocated`. CPU: the peak
 resident set size of a fresh process running one call (Linux: /proc/self/clear_refs resets the high-water mark,
 VmHWM in /proc/self/status reads it), with glibc told to return freed memory at once, so that the resident set
 follows the allocations; it includes a few MB of first-call library buffers, alike for every method.
@@ -60,7 +64,7 @@ from optvq_hf.conversion.original_reference import original_sinkhorn
 HEADS = 4
 DEFAULT_SIZES = ["4096,1024,64", "16384,4096,64", "32768,16384,64"]
 METHODS = ["original", "optvq", "optvq-stream", "log-domain", "log-compiled", "nearest", "vq-pytorch"]
-EXTRA_METHODS = ["previous"]  # on request: an earlier, guard-free solver
+EXTRA_METHODS = ["previous"]  # on request: the solver of an earlier commit
 SOLVER_PREFIXES = ("optvq", "log", "previous")
 COMPARED_WITH_OPTVQ = ("original", "optvq-stream", "log-domain", "log-compiled", "previous")
 
@@ -68,16 +72,16 @@ COMPARED_WITH_OPTVQ = ("original", "optvq-stream", "log-domain", "log-compiled",
 # ---------------------------------------------------------------------------------------------------------------------
 # The compared solvers
 # ---------------------------------------------------------------------------------------------------------------------
-PREVIOUS_SOLVER_COMMIT = "2ed03b4"
+DEFAULT_PREVIOUS_COMMIT = "2ed03b4"
 
 
-def previous_solver():
-    """The solver module this one replaced, from git (None outside a checkout that holds the commit)."""
+def previous_solver(commit: str):
+    """The solver module of a git revision (None outside a checkout that holds it)."""
     import types
 
     try:
         source = subprocess.run(
-            ["git", "show", f"{PREVIOUS_SOLVER_COMMIT}:optvq_hf/assignment.py"],
+            ["git", "show", f"{commit}:optvq_hf/assignment.py"],
             capture_output=True,
             text=True,
             check=True,
@@ -91,7 +95,7 @@ def previous_solver():
 
 
 class PreviousSinkhornQuantizer(SinkhornQuantizer):
-    """This package's quantizer with the previous (guard-free, exp-domain) solver, for comparison."""
+    """This package's quantizer with the solver of an earlier commit (`previous_solver`), for comparison."""
 
     solver = None
 
@@ -181,7 +185,6 @@ def build(method: str, num_codes: int, code_dim: int, device: torch.device) -> n
         module = LogDomainSinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=False)
         module.compiled = method == "log-compiled"
     elif method == "previous":
-        PreviousSinkhornQuantizer.solver = PreviousSinkhornQuantizer.solver or previous_solver()
         module = PreviousSinkhornQuantizer(num_codes, embed_dim, HEADS, streaming=False)
     elif method == "nearest":
         module = VectorQuantizer(num_codes, embed_dim, HEADS)
@@ -242,71 +245,50 @@ def estimated_peak_bytes(method: str, num_rows: int, num_codes: int) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 # Timing (one process, methods interleaved)
 # ---------------------------------------------------------------------------------------------------------------------
-def time_methods(methods, num_rows, num_codes, code_dim, device, warmup, repeats, max_seconds):
-    cases = {
-        method: (build(method, num_codes, code_dim, device), make_input(num_rows, code_dim, device))
-        for method in methods
-    }
-    times = {method: [] for method in methods}
-    indices = {}
-    started = time.perf_counter()
-    for call in range(warmup + repeats):
-        for method in methods:
-            module, z = cases[method]
-            clear_grads(module, z)
-            if device.type == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                begin.record()
-                result = step(module, z)
-                end.record()
-                torch.cuda.synchronize()
-                elapsed = begin.elapsed_time(end) / 1000
-            else:
-                begin = time.perf_counter()
-                result = step(module, z)
-                elapsed = time.perf_counter() - begin
-            if call >= warmup:
-                times[method].append(elapsed)
-            indices[method] = result.detach()
-        if call >= warmup + 2 and time.perf_counter() - started > max_seconds:
-            break  # large sizes: at least 3 timed calls, then stop at the time budget
-    return {method: statistics.median(values) for method, values in times.items()}, indices, len(times[methods[0]])
+def timed(call, device: torch.device):
+    """(seconds, result) of one call: CUDA events on a GPU, wall time on CPU."""
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        begin.record()
+        result = call()
+        end.record()
+        torch.cuda.synchronize()
+        return begin.elapsed_time(end) / 1000, result
+    begin = time.perf_counter()
+    result = call()
+    return time.perf_counter() - begin, result
 
 
-def limit_seconds(num_rows, num_codes, code_dim, device, repeats):
-    """Medians of the GEMM of the distance shape and of one streaming pass (a matrix-vector product) over (N, K)."""
+def method_calls(methods, num_rows, num_codes, code_dim, device) -> dict:
+    """One training-mode quantizer step per method (its gradients cleared first, untimed)."""
+    calls = {}
+    for method in methods:
+        module, z = build(method, num_codes, code_dim, device), make_input(num_rows, code_dim, device)
+        calls[method] = (lambda module=module, z=z: clear_grads(module, z), lambda module=module, z=z: step(module, z))
+    return calls
+
+
+def limit_calls(num_rows, num_codes, code_dim, device) -> dict:
+    """The limit's parts: the GEMM of the distance shape into a preallocated matrix, and 10 streaming passes over it
+    (matrix-vector products, one per half-step of 5 iterations). The matrix gets the page size the solver's kernel
+    matrix gets, so that the two differ by their operations only."""
+    import optvq_hf.assignment as assignment
+
     rows, codes = torch.randn(num_rows, code_dim, device=device), torch.randn(num_codes, code_dim, device=device)
     matrix, vector = torch.empty(num_rows, num_codes, device=device), torch.randn(num_codes, device=device)
+    assignment._advise_huge_pages(matrix)
+    matrix.zero_()
     norms = codes.pow(2).sum(1)
-
-    calls = {
-        "gemm": lambda: torch.addmm(norms, rows, codes.T, alpha=-2, out=matrix),
-        "mv": lambda: torch.mv(matrix, vector),
+    return {
+        "gemm": (None, lambda: torch.addmm(norms, rows, codes.T, alpha=-2, out=matrix)),
+        "10 passes": (None, lambda: [torch.mv(matrix, vector) for _ in range(10)]),
     }
-    medians = interleaved_medians(calls, device, repeats)
-    return medians["gemm"], medians["mv"]
 
 
-def interleaved_medians(calls: dict, device: torch.device, repeats: int) -> dict:
-    """Median seconds of each call over `repeats` rounds after one warm-up round, the calls alternated within a
-    round (device-synchronised wall time)."""
-    times = {name: [] for name in calls}
-    for _ in range(repeats + 1):
-        for name, call in calls.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            begin = time.perf_counter()
-            call()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - begin)
-    return {name: statistics.median(values[1:]) for name, values in times.items()}
-
-
-def time_assignments(num_rows, num_codes, code_dim, device, repeats):
-    """Medians of the assignments alone (no quantizer around them, no backward) on the inputs of the quantizer
-    step: the Sinkhorn solver materialised and streaming, and the nearest-code search; interleaved call by call."""
+def assignment_calls(num_rows, num_codes, code_dim, device) -> dict:
+    """The assignments alone (no quantizer around them, no backward) on the inputs of the quantizer step: the
+    Sinkhorn solver materialised (with a quantizer's kernel workspace) and streaming, and the nearest-code search."""
     import optvq_hf.assignment as assignment
 
     module = build("optvq", num_codes, code_dim, device)
@@ -314,12 +296,41 @@ def time_assignments(num_rows, num_codes, code_dim, device, repeats):
     rows = z.permute(0, 2, 3, 1).reshape(-1, code_dim).contiguous()
     codes = module.codebook(device).detach()
     settings = (module.epsilon, module.iterations, module.cost_normalization, module.chunk_size, False)
-    calls = {
-        "sinkhorn": lambda: assignment.sinkhorn_codes(rows, codes, *settings, streaming=False),
-        "sinkhorn-stream": lambda: assignment.sinkhorn_codes(rows, codes, *settings, streaming=True),
-        "nearest": lambda: assignment.nearest_codes(rows, codes, module.chunk_size),
+    return {
+        "sinkhorn alone": (
+            None,
+            lambda: assignment.sinkhorn_codes(
+                rows, codes, *settings, streaming=False, workspace=module.kernel_workspace
+            ),
+        ),
+        "stream alone": (None, lambda: assignment.sinkhorn_codes(rows, codes, *settings, streaming=True)),
+        "nearest alone": (None, lambda: assignment.nearest_codes(rows, codes, module.chunk_size)),
     }
-    return interleaved_medians(calls, device, repeats)
+
+
+def time_round_robin(calls: dict, device, warmup, repeats, max_seconds):
+    """Seconds of every call in every timed round, the calls alternated within each round, so that a change of
+    the machine's speed (other processes on shared cores) reaches all of them alike, and ratios can be taken
+    round by round; also each call's last result."""
+    times = {name: [] for name in calls}
+    results = {}
+    started = time.perf_counter()
+    for round_ in range(warmup + repeats):
+        for name, (prepare, call) in calls.items():
+            if prepare is not None:
+                prepare()
+            elapsed, results[name] = timed(call, device)
+            if round_ >= warmup:
+                times[name].append(elapsed)
+        if round_ >= warmup + 2 and time.perf_counter() - started > max_seconds:
+            break  # large sizes: at least 3 timed rounds, then stop at the time budget
+    return times, results
+
+
+def paired(times: dict, name: str, reference) -> str:
+    """Median and range over the rounds of a call's time divided by `reference` (a per-round list)."""
+    ratios = [value / base for value, base in zip(times[name], reference)]
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def comparable_indices(method: str, indices: torch.Tensor) -> torch.Tensor:
@@ -333,6 +344,12 @@ def comparable_indices(method: str, indices: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------------------------------------------------
+def forget_kernel_workspace(module: nn.Module) -> None:
+    """The memory a call needs includes the kernel matrix that the quantizer keeps between calls on CPU."""
+    if getattr(module, "kernel_workspace", None) is not None:
+        module.kernel_workspace.clear()
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as handle:
         return int(re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.MULTILINE).group(1))
@@ -344,6 +361,7 @@ def cpu_peak_in_this_process(method, num_rows, num_codes, code_dim) -> int:
     module, z = build(method, num_codes, code_dim, device), make_input(num_rows, code_dim, device)
     step(module, z)  # first call: library buffers, lazily created state
     clear_grads(module, z)
+    forget_kernel_workspace(module)
     gc.collect()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:
@@ -376,6 +394,7 @@ def cuda_peak(method, num_rows, num_codes, code_dim, device) -> int:
     module, z = build(method, num_codes, code_dim, device), make_input(num_rows, code_dim, device)
     step(module, z)
     clear_grads(module, z)
+    forget_kernel_workspace(module)
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats(device)
@@ -392,6 +411,35 @@ def cuda_peak(method, num_rows, num_codes, code_dim, device) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
+def time_elementwise(device: torch.device, repeats: int) -> None:
+    """Nanoseconds per entry of the solver's elementwise operations on one tile of the size it works on (1M
+    entries; on CPU, cache-resident), against a copy: what each pass over the (N, K) kernel costs beyond memory."""
+    import optvq_hf.assignment as assignment
+
+    entries = assignment.CPU_TILE_ENTRIES if device.type == "cpu" else assignment.GPU_TILE_ENTRIES
+    source = torch.rand(entries // 4096, 4096, device=device) * -80.0
+    out, weights = torch.empty_like(source), torch.rand(4096, device=device)
+    calls = {
+        "copy": lambda: out.copy_(source),
+        "exp": lambda: torch.exp(source, out=out),
+        "exp2": lambda: torch.exp2(source, out=out),
+        "sqrt (of -x)": lambda: torch.sqrt(torch.neg(source, out=out), out=out),
+        "neg": lambda: torch.neg(source, out=out),
+        "clamp": lambda: torch.clamp(source, min=-50.0, out=out),
+        "mul by a row vector": lambda: torch.mul(source, weights, out=out),
+        "matrix-vector product": lambda: torch.mv(source, weights),
+    }
+    times = {name: [] for name in calls}
+    for round_ in range(repeats + 1):
+        for name, call in calls.items():
+            elapsed, _ = timed(call, device)
+            if round_:
+                times[name].append(elapsed)
+    print(f"elementwise passes over a ({source.shape[0]}, 4096) float32 tile, ns per entry (median of {repeats}):")
+    for name, values in times.items():
+        print(f"  {name:<24} {statistics.median(values) / entries * 1e9:8.3f}")
+
+
 def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
@@ -431,7 +479,15 @@ def main() -> None:
         default=None,
         help="skip a case whose estimated peak exceeds this (default: 20 on CPU, the free GPU memory)",
     )
+    parser.add_argument(
+        "--previous-commit",
+        default=DEFAULT_PREVIOUS_COMMIT,
+        help="git revision whose optvq_hf/assignment.py the `previous` method runs",
+    )
     parser.add_argument("--no-memory", action="store_true", help="time only")
+    parser.add_argument(
+        "--elementwise", action="store_true", help="only time the solver's elementwise operations on one tile"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--busy-processes",
@@ -450,6 +506,10 @@ def main() -> None:
         print(json.dumps({"peak_bytes": peak}))
         return
 
+    if args.elementwise:
+        print(f"machine: {describe_machine(torch.device(args.device))}")
+        time_elementwise(torch.device(args.device), max(args.repeats, 21))
+        return
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy_processes)]
     try:
         run(args)
@@ -463,6 +523,11 @@ def run(args) -> None:
     methods = [m for m in args.methods if m != "vq-pytorch" or vq_pytorch_available()]
     if "vq-pytorch" in args.methods and "vq-pytorch" not in methods:
         print("vq-pytorch: vector_quantize_pytorch is not installed; skipped")
+    if "previous" in methods:
+        PreviousSinkhornQuantizer.solver = previous_solver(args.previous_commit)
+        if PreviousSinkhornQuantizer.solver is None:
+            print(f"previous: no git checkout holding {args.previous_commit}; skipped")
+            methods.remove("previous")
     if args.max_memory_gb is not None:
         budget = args.max_memory_gb * 2**30
     elif device.type == "cuda":
@@ -492,22 +557,28 @@ def run(args) -> None:
             )
         if not fitting:
             continue
-        times, indices, calls = time_methods(
-            fitting, num_rows, num_codes, code_dim, device, args.warmup, args.repeats, args.max_seconds
-        )
-        gemm, one_pass = limit_seconds(num_rows, num_codes, code_dim, device, args.repeats)
-        limit = gemm + 10 * one_pass  # 5 iterations = 10 half-steps
+        calls = method_calls(fitting, num_rows, num_codes, code_dim, device)
+        calls.update(limit_calls(num_rows, num_codes, code_dim, device))
+        calls.update(assignment_calls(num_rows, num_codes, code_dim, device))
+        all_times, results = time_round_robin(calls, device, args.warmup, args.repeats, args.max_seconds)
+        rounds = len(all_times["gemm"])
+        times = {name: statistics.median(values) for name, values in all_times.items()}
+        indices = {method: results[method].detach() for method in fitting}
+        gemms = all_times["gemm"]
+        limits = [gemm + passes for gemm, passes in zip(gemms, all_times["10 passes"])]
+        limit = statistics.median(limits)
+        solvers = [m for m in fitting if m.startswith(SOLVER_PREFIXES)]
         print(
-            f"N={num_rows} K={num_codes} d={code_dim}: limit {limit * 1e3:.1f} ms = GEMM {gemm * 1e3:.1f} ms + "
-            f"10 x one pass over (N, K) (matrix-vector product) {one_pass * 1e3:.1f} ms; "
-            + ", ".join(f"{m} {times[m] / limit:.2f}x limit" for m in fitting if m.startswith(SOLVER_PREFIXES))
+            f"N={num_rows} K={num_codes} d={code_dim}: limit {limit * 1e3:.1f} ms = GEMM {times['gemm'] * 1e3:.1f} ms"
+            f" + 10 passes over (N, K) (matrix-vector products) {times['10 passes'] * 1e3:.1f} ms; "
+            "time / limit, median (range) of the rounds: "
+            + ", ".join(f"{m} {paired(all_times, m, limits)}" for m in solvers)
         )
-        alone = time_assignments(num_rows, num_codes, code_dim, device, args.repeats)
         print(
-            f"  assignment alone (no quantizer, no backward): sinkhorn {alone['sinkhorn'] * 1e3:.1f} ms = "
-            f"{alone['sinkhorn'] / limit:.2f}x limit, streaming {alone['sinkhorn-stream'] * 1e3:.1f} ms = "
-            f"{alone['sinkhorn-stream'] / limit:.2f}x limit; nearest {alone['nearest'] * 1e3:.1f} ms = "
-            f"{alone['nearest'] / gemm:.2f}x GEMM"
+            f"  assignment alone (no quantizer, no backward): sinkhorn {times['sinkhorn alone'] * 1e3:.1f} ms = "
+            f"{paired(all_times, 'sinkhorn alone', limits)} limit, streaming {times['stream alone'] * 1e3:.1f} ms = "
+            f"{paired(all_times, 'stream alone', limits)} limit; nearest {times['nearest alone'] * 1e3:.1f} ms = "
+            f"{paired(all_times, 'nearest alone', gemms)} GEMM"
         )
         peaks = {}
         if not args.no_memory:
@@ -534,7 +605,7 @@ def run(args) -> None:
                     peaks.get(method),
                     peaks[method] / peaks["original"] if peaks.get(method) and peaks.get("original") else math.nan,
                     same,
-                    calls,
+                    rounds,
                 )
             )
     print(header)

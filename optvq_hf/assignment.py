@@ -5,10 +5,12 @@ Plain functions on (N, d) rows and (K, d) codes, used by the quantizer modules o
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import mmap
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -191,12 +193,18 @@ def _sinkhorn_indices(kernel: _LogKernel, num_codes, iterations, distributed, de
 # The exp-domain solver: the default in eager mode
 # ---------------------------------------------------------------------------------------------------------------------
 # Log-kernel entries below _LOG_FLOOR are clamped to it before exponentiation, so every kernel entry is a normal
-# float32 number (exp with subnormal results is several times slower on CPU). A float32 product of a kernel entry and
+# float32 number (exponentials with subnormal results are slower on CPU). A float32 product of a kernel entry and
 # a weight in [0, 1] then misstates its term by less than 2^-125 (a clamped entry, an underflowing product), and in no
 # other way beyond rounding. A guarded mass is trusted when all its terms together cannot misstate it by more than
 # 2^-30 of (mass + guard), far below float32 rounding; a row's argmax is trusted when its winning product is far above
 # anything an underflow can produce. When anything is not trusted, the batch is solved again in the log domain.
 _LOG_FLOOR = -87.0
+# The kernel is exponentiated in base 2 (E = 2^(A / ln 2), the factor folded into the one operation that makes the
+# exponent): PyTorch's vectorised exp2 takes a fraction of its exp's time on CPU (`benchmarks/quantizer.py
+# --elementwise`) at the same 1-ULP accuracy, and the relative rounding of E is the same (log2 e times the exponent,
+# times ln 2 in the result).
+_LOG2_E = 1.0 / math.log(2.0)
+_LOG2_FLOOR = _LOG_FLOOR * _LOG2_E
 _LOG_LOST_TERM = -125 * math.log(2.0)
 _LOG_TRUSTED_SHARE = -30 * math.log(2.0)
 _ARGMAX_FLOOR = 2.0**-100
@@ -237,6 +245,58 @@ def _advise_huge_pages(matrix: torch.Tensor) -> None:
         _libc.madvise(start, length, _MADV_HUGEPAGE)  # a failure (return -1) leaves the usual pages
     except (OSError, AttributeError):
         pass
+
+
+class KernelWorkspace:
+    """
+    Memory for the exp-domain solver's (N, K) kernel matrix, kept from one call to the next on CPU.
+
+    PyTorch's CPU allocator keeps nothing: each call would map a fresh matrix, and the operating system hands every
+    page over zeroed, at its first write, which costs about as much as the GEMM that fills it (more where a
+    hypervisor has taken back freed memory in the meantime). A GPU's caching allocator already keeps freed memory,
+    so there this holds nothing. The buffer grows to the largest matrix asked for and stays until `clear()` or until
+    its owner (the quantizer) is freed; copies and pickles of the owner start without it. A call made while
+    another thread uses the buffer gets a matrix of its own.
+    """
+
+    def __init__(self):
+        self._buffer: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held between calls."""
+        return 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()
+
+    def clear(self) -> None:
+        self._buffer = None
+
+    @contextlib.contextmanager
+    def matrix(self, num_rows: int, num_codes: int, like: torch.Tensor):
+        """A (num_rows, num_codes) matrix of `like`'s dtype and device, its values undefined."""
+        if like.device.type != "cpu" or not self._lock.acquire(blocking=False):
+            matrix = like.new_empty(num_rows, num_codes)
+            _advise_huge_pages(matrix)
+            yield matrix
+            return
+        try:
+            size = num_rows * num_codes
+            if self._buffer is None or self._buffer.numel() < size or self._buffer.dtype != like.dtype:
+                self._buffer = None  # freed before the larger one is made
+                self._buffer = like.new_empty(size)
+                _advise_huge_pages(self._buffer)
+            yield self._buffer[:size].view(num_rows, num_codes)
+        finally:
+            self._lock.release()
+
+    def __deepcopy__(self, memo):
+        return KernelWorkspace()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
 
 
 # The row argmax (argmin) by blocks of this many codes: the block maxima (a vectorised max), the argmax over them,
@@ -316,7 +376,9 @@ def _distance_statistics(tiles, spare: torch.Tensor, num_rows: int, num_codes: i
     return row_min, code_shift, minimum, std
 
 
-def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_rows, distributed, streaming):
+def _exp_domain_indices(
+    rows, codes, epsilon, iterations, normalization, tile_rows, distributed, streaming, matrix=None
+):
     """
     The original's guarded iterations, each half-step one float32 matrix-vector product over the kernel.
 
@@ -327,6 +389,8 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
     sum_i E_ik exp(f_i - F) (F = max f), a row's likewise, and the guard enters as log(mass + guard) =
     logaddexp(log mass, log guard), as in `_sinkhorn_indices`.
 
+    `matrix`: where to keep the (N, K) kernel unless streaming (default: a new matrix).
+
     Returns the indices and a 0-d bool tensor saying whether every mass and every argmax was trusted (the certificate
     above). Nothing waits on the host.
     """
@@ -335,8 +399,10 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
     log_guard = math.log(GUARD)
     distances = _Distances(rows, codes)
     ranges = [(start, min(start + tile_rows, num_rows)) for start in range(0, num_rows, tile_rows)]
-    matrix = None if streaming else rows.new_empty(num_rows, num_codes)
-    if matrix is not None:
+    if streaming:
+        matrix = None
+    elif matrix is None:
+        matrix = rows.new_empty(num_rows, num_codes)
         _advise_huge_pages(matrix)
     scratch = rows.new_empty(max(1, min(tile_rows, num_rows)), num_codes)
     spare = rows.new_empty(scratch.shape) if streaming else scratch
@@ -357,7 +423,9 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
     elif normalization == "all":  # D' = (D - mean) / (std + 1e-6) - min(...) = (D - min D) / (std + 1e-6)
         scale = scale / (std + 1e-6)
     negative_scale = -scale
-    scaled_shift = code_shift * scale
+    # the exponent of the kernel in base 2: -s * log2(e) * (D - r - b)
+    negative_scale2 = negative_scale * _LOG2_E
+    scaled_shift2 = code_shift * (scale * _LOG2_E)
     reference = minimum if normalization == "all" else torch.zeros_like(minimum)
     row_shift = (row_min - reference).double() * negative_scale.double()  # A_ik = log E_ik + row_shift_i + code_i
     code = code_shift.double() * negative_scale.double()
@@ -373,9 +441,9 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
             tile = scratch[: stop - start] if streaming else matrix[start:stop]  # holds D - r once made
             if streaming:
                 distances.tile(start, stop, tile).sub_(row_min[start:stop, None])
-            # -s * (D - r - b) in one operation: s * b + (D - r) * (-s)
-            torch.addcmul(scaled_shift, tile, negative_scale, out=tile)
-            yield start, stop, tile.clamp_(min=_LOG_FLOOR).exp_()
+            # -s * log2(e) * (D - r - b) in one operation: s' * b + (D - r) * (-s')
+            torch.addcmul(scaled_shift2, tile, negative_scale2, out=tile)
+            yield start, stop, tile.clamp_(min=_LOG2_FLOOR).exp2_()
 
     total_rows = torch.tensor(float(num_rows), dtype=torch.float64, device=device)
     if distributed:
@@ -450,10 +518,11 @@ def _exp_domain_indices(rows, codes, epsilon, iterations, normalization, tile_ro
         code = guarded_update(code, code + row_top, log_columns, log_rows, log_codes)
     code_weights = (code - largest(code)).exp().float()
     indices = torch.empty(num_rows, dtype=torch.long, device=device)
-    # The argmax is the kernel's last use: each tile is scaled in place (cache-sized tiles, also when materialised).
+    # The argmax by cache-sized tiles, also when materialised: each tile scaled into the scratch tile, so the kernel
+    # matrix, read for the last time, is not written back to memory.
     tiles = kernel_tiles(make=True) if streaming else ((s, e, matrix[s:e]) for s, e in ranges)
     for start, stop, tile in tiles:
-        winners, maxima = _row_extreme(tile.mul_(code_weights))
+        winners, maxima = _row_extreme(torch.mul(tile, code_weights, out=scratch[: stop - start]))
         indices[start:stop] = winners
         untrusted |= (maxima < _ARGMAX_FLOOR).any()
     return indices, ~untrusted
@@ -495,6 +564,7 @@ def sinkhorn_codes(
     chunk_size: int = 4096,
     distributed: bool = False,
     streaming: bool | None = None,
+    workspace: KernelWorkspace | None = None,
 ) -> torch.Tensor:
     """
     Index (N,) of the argmax of each row of the original's Sinkhorn plan of the rows' normalised distances to the
@@ -511,7 +581,7 @@ def sinkhorn_codes(
 
     Memory: one (N, K) float32 matrix (the kernel) plus one tile; with `streaming` (or automatically above
     `STREAMING_MIN_BYTES`) no (N, K) matrix: each tile is recomputed from the features on every pass (one pass
-    per iteration).
+    per iteration). `workspace` keeps the matrix's memory from one call to the next (`KernelWorkspace`).
     """
     if cost_normalization not in COST_NORMALIZATIONS:
         raise ValueError(f"cost_normalization must be one of {COST_NORMALIZATIONS}, got {cost_normalization!r}")
@@ -523,9 +593,11 @@ def sinkhorn_codes(
     streaming, iterations = bool(streaming), int(iterations)
     if not traced():
         tile_rows = _tile_rows(num_codes, chunk_size, rows.device)
-        indices, trusted = _exp_domain_indices(
-            rows, codes, epsilon, iterations, cost_normalization, tile_rows, distributed, streaming
-        )
+        keep = workspace is not None and not streaming
+        with workspace.matrix(num_rows, num_codes, rows) if keep else contextlib.nullcontext() as matrix:
+            indices, trusted = _exp_domain_indices(
+                rows, codes, epsilon, iterations, cost_normalization, tile_rows, distributed, streaming, matrix
+            )
         if distributed:  # every rank takes the same path
             trusted = _all_reduce(trusted.to(torch.int32).reshape(1), dist.ReduceOp.MIN)[0]
         if bool(trusted):  # the solver's one host synchronisation, after its iterations

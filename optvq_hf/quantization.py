@@ -18,6 +18,7 @@ from transformers.utils import ModelOutput
 
 from .assignment import (
     COST_NORMALIZATIONS,
+    KernelWorkspace,
     distributed_group_active,
     nearest_codes,
     sinkhorn,
@@ -247,6 +248,10 @@ class SinkhornQuantizer(VectorQuantizer):
             O(chunk_size x K); for very large codebooks), `None` (default) streams when the matrix would exceed
             `STREAMING_MIN_BYTES`. Same assignments either way.
 
+    On CPU the (N, K) kernel's memory stays with the quantizer from one training call to the next
+    (`kernel_workspace`, a `KernelWorkspace`: what the caching allocator does on a GPU); `kernel_workspace.clear()`
+    frees it.
+
     Under `torch.compile` in training mode the solver runs eagerly, outside the graph (one graph break):
     the eager exp-domain solver takes about half the time of the compiled log-domain one, the only solver a graph
     can hold (benchmarks/README.md), and its output, integer indices, has no gradient to trace. For
@@ -288,6 +293,7 @@ class SinkhornQuantizer(VectorQuantizer):
         self.inference_assignment = inference_assignment
         self.streaming = streaming
         self.solver_in_graph = False
+        self.kernel_workspace = KernelWorkspace()
 
     def sinkhorn_codes(self, rows: torch.Tensor, codes: torch.Tensor, distributed: bool) -> torch.Tensor:
         return sinkhorn_codes(
@@ -299,6 +305,7 @@ class SinkhornQuantizer(VectorQuantizer):
             self.chunk_size,
             distributed,
             self.streaming,
+            self.kernel_workspace,
         )
 
     def assign(self, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

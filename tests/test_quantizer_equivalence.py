@@ -264,7 +264,7 @@ def test_streaming_is_chosen_above_the_memory_threshold(monkeypatch):
     original = assignment._exp_domain_indices
 
     def recording(*args):
-        calls.append(args[-1])
+        calls.append(args[7])  # streaming
         return original(*args)
 
     monkeypatch.setattr(assignment, "_exp_domain_indices", recording)
@@ -314,6 +314,64 @@ def test_one_or_no_full_matrix(streaming, expected, monkeypatch):
         out = quantizer(z)
         out.loss.backward()
     assert len(allocations.storages) == expected
+
+
+def test_the_kernel_workspace_keeps_its_memory_and_never_its_values():
+    workspace = assignment.KernelWorkspace()
+    rows, codes = features_and_codes(300, 64, 8, seed=11)
+    seen = []
+    original = assignment._exp_domain_indices
+
+    def recording(*args):
+        seen.append(args[8].data_ptr())
+        args[8].fill_(float("nan"))  # what a previous call left there must not matter
+        return original(*args)
+
+    expected = [solve(rows, codes), solve(rows[:200], codes), solve(rows, codes[:50])]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(assignment, "_exp_domain_indices", recording)
+        got = [
+            assignment.sinkhorn_codes(r, c, 10.0, 5, workspace=workspace)
+            for r, c in ((rows, codes), (rows[:200], codes), (rows, codes[:50]))
+        ]
+    for indices, reference in zip(got, expected):
+        assert torch.equal(indices, reference)
+    assert len(set(seen)) == 1  # smaller matrices reuse the first one's memory
+    assert workspace.nbytes == 300 * 64 * 4
+    assert torch.equal(assignment.sinkhorn_codes(rows, codes, 10.0, 5, workspace=workspace, streaming=True), got[0])
+    assert workspace.nbytes == 300 * 64 * 4  # streaming holds no matrix and leaves the workspace alone
+    bigger = torch.cat([rows, rows])
+    assert torch.equal(assignment.sinkhorn_codes(bigger, codes, 10.0, 5, workspace=workspace), solve(bigger, codes))
+    assert workspace.nbytes == 600 * 64 * 4
+    workspace.clear()
+    assert workspace.nbytes == 0
+
+
+def test_a_busy_or_non_cpu_workspace_hands_out_a_matrix_of_its_own():
+    workspace = assignment.KernelWorkspace()
+    like = torch.zeros(1)
+    with workspace.matrix(4, 3, like) as first, workspace.matrix(4, 3, like) as second:  # another caller meanwhile
+        assert first.shape == second.shape == (4, 3)
+        assert first.data_ptr() != second.data_ptr()
+    assert workspace.nbytes == 4 * 3 * 4
+    with workspace.matrix(4, 3, torch.zeros(1, device="meta")) as elsewhere:  # a GPU's allocator caches itself
+        assert elsewhere.device.type == "meta"
+    assert workspace.nbytes == 4 * 3 * 4
+
+
+def test_copies_and_pickles_of_a_quantizer_leave_the_workspace_behind():
+    import copy
+    import pickle
+
+    quantizer = SinkhornQuantizer(256, 16, streaming=False).train()
+    quantizer(torch.randn(2, 16, 8, 8)).loss.backward()
+    assert quantizer.kernel_workspace.nbytes == 128 * 256 * 4
+    assert copy.deepcopy(quantizer).kernel_workspace.nbytes == 0
+    restored = pickle.loads(pickle.dumps(quantizer))
+    assert restored.kernel_workspace.nbytes == 0
+    assert len(pickle.dumps(quantizer)) < 128 * 256 * 4
+    restored.train()(torch.randn(2, 16, 8, 8))
+    assert restored.kernel_workspace.nbytes == 128 * 256 * 4
 
 
 # -- loss and gradients -----------------------------------------------------------------------------------------------
