@@ -343,37 +343,45 @@ class _Distances:
         return self.finish(self.product(start, stop, out))
 
 
-def _distance_statistics(tiles, spare: torch.Tensor, num_rows: int, num_codes: int, distributed: bool):
+# The variance of the distances comes from their sum (a row sum per tile) and the sum of their squares in closed form
+# from the features, sum_ik |x_i - c_k|^2 = K sum_i |x_i|^2 + N sum_k |c_k|^2 - 2 (sum_i x_i).(sum_k c_k), in float64:
+# no pass over the matrix. Its rounding error, a few 1e-9 of the mean square, is multiplied in the variance by the
+# mean square over the variance; the variance is trusted while that ratio is at most _VARIANCE_MAX_AMPLIFICATION (an
+# error of a few 1e-6 at most, that of a float32 two-pass variance; about 1e-7 for distances like a model's, where
+# the ratio is near 130). Distances too alike for that send the batch to the log-domain solver.
+_VARIANCE_MAX_AMPLIFICATION = 1024.0
+
+
+def _distance_statistics(tiles, rows, codes, distributed: bool):
     """
-    One pass over the distance tiles: the row minima r_i, the code shifts b_k = min_i (D_ik - r_i) and the minimum of
-    all distances of all ranks, and their unbiased standard deviation: per tile its float32 sum and squared deviations
-    from its own mean, combined exactly in float64 (no catastrophic cancellation; torch's `std` of the whole matrix
-    up to rounding). Each tile is left holding D_ik - r_i.
+    One pass over the distance tiles: the row minima r_i, the code shifts b_k = min_i (D_ik - r_i), the minimum of
+    all distances of all ranks, their unbiased standard deviation (float32) and whether that is trusted (0-d bool).
+    Each tile is left holding D_ik - r_i.
     """
-    device = spare.device
-    row_min = spare.new_empty(num_rows)
-    code_shift = spare.new_full((num_codes,), math.inf)
-    per_tile = []
+    num_rows, num_codes = rows.shape[0], codes.shape[0]
+    row_min, row_sums = rows.new_empty(num_rows), rows.new_empty(num_rows)
+    code_shift = rows.new_full((num_codes,), math.inf)
     for start, stop, tile in tiles:
-        count, tile_sum = tile.numel(), tile.sum()
-        deviations = torch.sub(tile, tile_sum / count, out=spare[: stop - start]).view(-1)
-        per_tile.append(torch.stack([tile_sum.new_tensor(count), tile_sum, torch.dot(deviations, deviations)]))
+        torch.sum(tile, dim=1, out=row_sums[start:stop])
         torch.amin(tile, dim=1, out=row_min[start:stop])
         torch.minimum(code_shift, tile.sub_(row_min[start:stop, None]).amin(dim=0), out=code_shift)
-    stats = torch.stack(per_tile).double() if per_tile else torch.zeros(1, 3, dtype=torch.float64, device=device)
-    counts, sums = stats[:, 0], stats[:, 1]
-    means = sums / counts.clamp_min(1)
-    # the sums of the counts, of the sums, of count * mean^2 and of the squared deviations within the tiles
-    totals = torch.stack([counts.sum(), sums.sum(), (counts * means * means).sum(), stats[:, 2].sum()])
-    minimum = row_min.min() if num_rows else spare.new_tensor(math.inf)
+    features, code_vectors = rows.double(), codes.double()
+    squares = (
+        num_codes * features.pow(2).sum()
+        + num_rows * code_vectors.pow(2).sum()
+        - 2 * features.sum(0).dot(code_vectors.sum(0))
+    )
+    totals = torch.stack([squares.new_tensor(num_rows * num_codes), row_sums.double().sum(), squares])
+    minimum = row_min.min() if num_rows else rows.new_tensor(math.inf)
     if distributed:
         _all_reduce(totals)
         extremes = _all_reduce(torch.cat([minimum.reshape(1), code_shift]), dist.ReduceOp.MIN)
         minimum, code_shift = extremes[0], extremes[1:]
-    count, total, between, within = totals.unbind()
-    mean = total / count.clamp_min(1)
-    std = ((within + between - count * mean * mean).clamp_min(0) / (count - 1).clamp_min(1)).sqrt().float()
-    return row_min, code_shift, minimum, std
+    count, total, squares = totals.unbind()
+    mean_square = squares / count.clamp_min(1)
+    variance = ((squares - total * total / count.clamp_min(1)) / (count - 1).clamp_min(1)).clamp_min(0)
+    trusted = variance * _VARIANCE_MAX_AMPLIFICATION >= mean_square
+    return row_min, code_shift, minimum, variance.sqrt().float(), trusted
 
 
 def _exp_domain_indices(
@@ -405,7 +413,6 @@ def _exp_domain_indices(
         matrix = rows.new_empty(num_rows, num_codes)
         _advise_huge_pages(matrix)
     scratch = rows.new_empty(max(1, min(tile_rows, num_rows)), num_codes)
-    spare = rows.new_empty(scratch.shape) if streaming else scratch
 
     def distance_tiles():
         if not streaming:  # one matrix product (fastest), finished tile by tile
@@ -416,7 +423,7 @@ def _exp_domain_indices(
             else:
                 yield start, stop, distances.finish(matrix[start:stop])
 
-    row_min, code_shift, minimum, std = _distance_statistics(distance_tiles(), spare, num_rows, num_codes, distributed)
+    row_min, code_shift, minimum, std, std_trusted = _distance_statistics(distance_tiles(), rows, codes, distributed)
     scale = torch.tensor(float(epsilon), device=device)
     if normalization == "dim":
         scale = scale / math.sqrt(codes.shape[1])
@@ -449,7 +456,7 @@ def _exp_domain_indices(
     if distributed:
         _all_reduce(total_rows)
     log_rows, log_codes = total_rows.log(), math.log(num_codes)
-    untrusted = torch.zeros((), dtype=torch.bool, device=device)
+    untrusted = ~std_trusted if normalization == "all" else torch.zeros((), dtype=torch.bool, device=device)
 
     def largest(values: torch.Tensor) -> torch.Tensor:
         local = values.max() if values.numel() else values.new_tensor(-math.inf)

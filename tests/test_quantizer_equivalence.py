@@ -132,6 +132,48 @@ def test_untrusted_batches_are_solved_again_in_the_log_domain(monkeypatch):
     assert fallbacks == [1]  # a trusted batch is solved once
 
 
+def distance_statistics(rows, codes, tile_rows=97):
+    distances = assignment._Distances(rows, codes)
+    scratch = rows.new_empty(tile_rows, codes.shape[0])
+    tiles = (
+        (start, stop, distances.tile(start, stop, scratch[: stop - start]))
+        for start, stop in ((start, min(start + tile_rows, len(rows))) for start in range(0, len(rows), tile_rows))
+    )
+    return assignment._distance_statistics(tiles, rows, codes, False)
+
+
+@pytest.mark.parametrize("feature_scale", [1.0, 0.01, 30.0])
+def test_distance_statistics_equal_float64_formulas(feature_scale):
+    rows, codes = features_and_codes(1000, 300, 64, seed=12)
+    rows = rows * feature_scale
+    distances = torch.cdist(rows, codes)  # the original's float32 distances
+    row_min, code_shift, minimum, std, trusted = distance_statistics(rows, codes)
+    assert bool(trusted)
+    assert abs(std.double() / distances.double().std() - 1) < 1e-6  # float32 two-pass sums: a few 1e-6
+    assert torch.equal(row_min, distances.amin(1))
+    assert torch.equal(code_shift, (distances - distances.amin(1, keepdim=True)).amin(0))
+    assert torch.equal(minimum, distances.min())
+
+
+def test_distances_too_alike_for_the_closed_form_variance_are_solved_in_the_log_domain(monkeypatch):
+    # Rows in a tight cluster far from a tight codebook: all distances within a few percent of each other (mean
+    # square / variance about 30,000), so the closed-form variance (mean square minus squared mean) loses digits; it
+    # is not trusted, and the log domain gives the exact assignment. Six times wider spreads (ratio about 850) stay
+    # within the bound and the fast path keeps them.
+    rows, codes = features_and_codes(600, 128, 16, seed=13)
+    tight_rows, tight_codes = rows * 0.05 + 3.0, codes * 0.05
+    trusted = distance_statistics(tight_rows, tight_codes)[4]
+    assert not bool(trusted)
+    assert bool(distance_statistics(rows * 0.3 + 3.0, codes * 0.3)[4])
+    fallbacks = []
+    log_domain = assignment._sinkhorn_indices
+    monkeypatch.setattr(assignment, "_sinkhorn_indices", lambda *args: fallbacks.append(1) or log_domain(*args))
+    assert torch.equal(solve(tight_rows, tight_codes), original_indices(tight_rows, tight_codes))
+    assert fallbacks == [1]
+    assert not exp_domain(tight_rows, tight_codes)[1]
+    assert exp_domain(tight_rows, tight_codes, mode="dim")[1]  # only "all" standardises by the variance
+
+
 class OperatorCount(TorchDispatchMode):
     """Counts the calls of the given aten operators."""
 
