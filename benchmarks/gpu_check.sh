@@ -42,6 +42,7 @@ EOF
     --methods original optvq optvq-stream log-domain log-compiled nearest previous vq-pytorch 2>&1 | tee "$RESULTS/quantizer.txt"
 "$PYTHON" benchmarks/quantizer.py --device cuda --repeats 5 --warmup 1 --sizes 32768,65536,64 \
     --methods original optvq optvq-stream log-domain log-compiled nearest 2>&1 | tee -a "$RESULTS/quantizer.txt"
+"$PYTHON" benchmarks/quantizer.py --device cuda --elementwise 2>&1 | tee -a "$RESULTS/quantizer.txt"
 
 # 3. The training step, optvq against vq, at the paper's batch 8 per device, bf16 autocast: eager and compiled.
 "$PYTHON" benchmarks/model.py --device cuda --step-ratio --configs small default --batch 8 --repeats 5 --bf16 2>&1 \

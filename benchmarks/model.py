@@ -178,6 +178,7 @@ def step_ratio(args, device: torch.device) -> None:
         # Compiled whole, the quantizer included: its Sinkhorn solver runs eagerly at a graph break (the default),
         # and, for comparison, traced into the graph (`solver_in_graph`: the log-domain solver).
         variants = ("optvq", "optvq-in-graph", "vq") if args.compile else ("optvq", "vq")
+        variants = tuple(variant for variant in variants if variant in args.variants or variant == "vq")
         for variant in variants:
             torch.manual_seed(0)
             quantizer_type = variant.removesuffix("-in-graph")
@@ -238,6 +239,14 @@ def main() -> None:
     parser.add_argument("--attention", nargs="+", default=["sdpa", "plain"], choices=["sdpa", "plain"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--step-ratio", action="store_true", help="training step, quantizer_type optvq against vq")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["optvq", "optvq-in-graph"],
+        choices=["optvq", "optvq-in-graph"],
+        help="--step-ratio: the optvq models timed against vq (optvq-in-graph: with --compile only; one model fewer "
+        "where memory is short)",
+    )
     parser.add_argument(
         "--glibc",
         default="measure",
