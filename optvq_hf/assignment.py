@@ -252,11 +252,11 @@ class KernelWorkspace:
     Memory for the exp-domain solver's (N, K) kernel matrix, kept from one call to the next on CPU.
 
     PyTorch's CPU allocator keeps nothing: each call would map a fresh matrix, and the operating system hands every
-    page over zeroed, at its first write, which costs about as much as the GEMM that fills it (more where a
-    hypervisor has taken back freed memory in the meantime). A GPU's caching allocator already keeps freed memory,
-    so there this holds nothing. The buffer grows to the largest matrix asked for and stays until `clear()` or until
-    its owner (the quantizer) is freed; copies and pickles of the owner start without it. A call made while
-    another thread uses the buffer gets a matrix of its own.
+    page over zeroed, at its first write: a page fault per page, and more where a hypervisor has taken back freed
+    memory in the meantime (`benchmarks/quantizer.py` times the solver with and without). A GPU's caching allocator
+    already keeps freed memory, so there this holds nothing. The buffer grows to the largest matrix asked for and
+    stays until `clear()` or until its owner (the quantizer) is freed; copies and pickles of the owner start without
+    it. A call made while another thread uses the buffer gets a matrix of its own.
     """
 
     def __init__(self):
