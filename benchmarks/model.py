@@ -213,10 +213,13 @@ def step_ratio(args, device: torch.device) -> None:
         vq = statistics.median(times["vq"])
         for name in variants[:-1]:
             optvq = statistics.median(times[name])
+            # each round's optvq step over the vq step right after it: the machine's drift cancels
+            paired = [a / b for a, b in zip(times[name], times["vq"])]
             print(
                 f"{config_name:<8} batch {batch:>3} {'compiled' if args.compile else 'eager':<8} "
                 f"{'bf16' if args.bf16 else 'fp32'}: step {name} {optvq * 1e3:9.1f} ms, vq {vq * 1e3:9.1f} ms, "
-                f"ratio {optvq / vq:.3f} (median of {args.repeats})"
+                f"ratio {optvq / vq:.3f} (medians of {args.repeats}); per round {statistics.median(paired):.3f} "
+                f"(median; range {min(paired):.3f}-{max(paired):.3f})"
             )
 
 
