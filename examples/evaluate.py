@@ -93,6 +93,12 @@ class EvaluateOptions:
         f"comma-separated list among {', '.join(METRIC_NAMES)}; or 'all' (default), which skips with a warning the "
         "metrics whose weights or packages are missing",
     )
+    resample: str | None = option(
+        None,
+        "resizing filter: nearest, bilinear, bicubic, lanczos, box, hamming, or opencv_bilinear (OpenCV's "
+        "INTER_LINEAR, as the original OptVQ evaluation resizes); default: the filter of the processor saved with the "
+        "model, else bicubic",
+    )
     output_dir: str = option("eval-output", "where metrics.json, metrics.md and the grid go")
     num_workers: int = option(min(4, os.cpu_count() or 1), "DataLoader worker processes (0: none)")
     num_grid_images: int = option(8, "images shown in reconstructions.png (0: none)")
@@ -121,6 +127,11 @@ def check_args(args: EvaluateOptions) -> None:
     if args.num_grid_images < 0:
         raise ValueError(f"--num_grid_images must be >= 0, got {args.num_grid_images}")
     parse_metrics(args.metrics)
+    if args.resample is not None:
+        try:
+            OptVQImageProcessor(resample=args.resample)
+        except ValueError as error:
+            raise ValueError(f"--resample {args.resample!r}: {error}") from None
 
 
 def parse_metrics(spec: str) -> tuple[list[str], bool]:
@@ -186,13 +197,15 @@ def find_image_column(dataset: datasets.Dataset, image_column: str | None) -> st
     return image_columns[0]
 
 
-def build_processor(model_name_or_path: str, model: OptVQModel) -> OptVQImageProcessor:
-    """The model's processor at the model's resolution; a saved processor only contributes its resampling filter."""
-    resample = "bicubic"
-    try:
-        resample = OptVQImageProcessor.from_pretrained(model_name_or_path).resample
-    except (OSError, ValueError):  # no preprocessor_config.json next to the model
-        pass
+def build_processor(model_name_or_path: str, model: OptVQModel, resample=None) -> OptVQImageProcessor:
+    """The model's processor at the model's resolution, with `resample` if given, else the resampling filter of a
+    processor saved with the model (its only contribution), else bicubic."""
+    if resample is None:
+        resample = "bicubic"
+        try:
+            resample = OptVQImageProcessor.from_pretrained(model_name_or_path).resample
+        except (OSError, ValueError):  # no preprocessor_config.json next to the model
+            pass
     return OptVQImageProcessor(
         resolution=model.config.resolution, num_channels=model.config.in_channels, resample=resample
     )
@@ -336,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | None]:
             f"the model maps {model.config.in_channels} to {model.config.out_channels} channels; reconstruction "
             "metrics need equal input and output channels"
         )
-    processor = build_processor(args.model, model)
+    processor = build_processor(args.model, model, args.resample)
     with accelerator.main_process_first():  # one process downloads datasets and metric weights, the others reuse
         dataset, split = load_image_dataset(
             args.dataset_name, args.data_dir, args.split, args.dataset_config_name, args.max_samples

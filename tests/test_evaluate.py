@@ -61,10 +61,11 @@ def run(model_dir, image_folder, output_dir, *extra):
     return evaluate_example.main(argv)
 
 
-def direct_reconstructions(model_dir, image_folder):
+def direct_reconstructions(model_dir, image_folder, resample="bicubic"):
     """The images as the processor prepares them, and the saved model's reconstructions and indices, in one batch."""
     paths = sorted(image_folder.glob("*.png"))
-    pixel_values = OptVQImageProcessor(resolution=32)([PIL.Image.open(p) for p in paths])["pixel_values"]
+    processor = OptVQImageProcessor(resolution=32, resample=resample)
+    pixel_values = processor([PIL.Image.open(p) for p in paths])["pixel_values"]
     model = OptVQModel.from_pretrained(model_dir).eval()
     with torch.no_grad():
         output = model(pixel_values)
@@ -154,6 +155,17 @@ def test_lpips_and_rfid_use_the_given_networks(model_dir, image_folder, tmp_path
     assert results["rfid"] == pytest.approx(expected_fid, rel=1e-4, abs=1e-8)
 
 
+@pytest.mark.parametrize("resample", ["opencv_bilinear", "nearest"])
+def test_the_resample_flag_sets_the_resizing_filter(model_dir, image_folder, tmp_path, resample):
+    written = run(model_dir, image_folder, tmp_path, "--metrics", "psnr", "--resample", resample)
+    x, rec, _ = direct_reconstructions(model_dir, image_folder, resample)
+    expected = psnr((rec + 1) / 2, (x + 1) / 2).mean().item()
+    assert written["psnr"] == pytest.approx(expected, rel=1e-5)
+    x_default, rec_default, _ = direct_reconstructions(model_dir, image_folder)
+    assert not torch.equal(x, x_default)  # the filter changed the pixels the metrics saw
+    assert written["psnr"] != pytest.approx(psnr((rec_default + 1) / 2, (x_default + 1) / 2).mean().item(), rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -164,6 +176,7 @@ def test_lpips_and_rfid_use_the_given_networks(model_dir, image_folder, tmp_path
         (["--batch_size", "0"], "--batch_size must be >= 1"),
         (["--max_samples", "0"], "--max_samples must be >= 1"),
         (["--dataset_name", "some/dataset"], "exactly one of --dataset_name"),
+        (["--resample", "cubic"], r"--resample 'cubic': resample must be one of"),
     ],
 )
 def test_bad_flags_raise_a_clear_error(model_dir, image_folder, tmp_path, flags, message):
