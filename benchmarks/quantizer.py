@@ -28,12 +28,13 @@ codes shared by the heads. Each call is `loss = out.loss + mean(out.quantized **
 Time: median over `--repeats` rounds after `--warmup` rounds. A round calls every method once, then the limit's
 GEMM and passes, then the assignments alone, so that a change of the machine's speed (other processes on shared
 cores) reaches them alike; the ratios to the limit are taken round by round (median and range). CUDA times come
-from CUDA events. Memory: the peak above what was allocated
-before the call (the inputs, parameters and module state; the kernel matrix the quantizer keeps between calls on CPU
-is counted as the call's). CUDA: `torch.cuda.max_memory_allocated`. CPU: the peak
-resident set size of a fresh process running one call (Linux: /proc/self/clear_refs resets the high-water mark,
-VmHWM in /proc/self/status reads it), with glibc told to return freed memory at once, so that the resident set
-follows the allocations; it includes a few MB of first-call library buffers, alike for every method.
+from CUDA events.
+
+Memory: the peak above what was allocated before the call (the inputs, parameters and module state; the kernel
+matrix the quantizer keeps between calls on CPU is counted as the call's). CUDA: `torch.cuda.max_memory_allocated`.
+CPU: the peak resident set size of a fresh process running one call (Linux: /proc/self/clear_refs resets the
+high-water mark, VmHWM in /proc/self/status reads it), with glibc told to return freed memory at once, so that the
+resident set follows the allocations; it includes a few MB of first-call library buffers, alike for every method.
 """
 
 from __future__ import annotations
