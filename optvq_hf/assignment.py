@@ -542,17 +542,26 @@ def _tile_rows(num_codes: int, chunk_size: int, device: torch.device) -> int:
     return max(1, min(chunk_size, entries // num_codes))
 
 
+# The nearest-code search's cost is its GEMM; split among the CPU threads, a tile of few rows gives each thread a GEMM
+# too thin to run near the speed of one large one (cache-sized tiles of 16,384 codes have 64 rows).
+_GEMM_ROWS_PER_THREAD = 64
+
+
 def nearest_codes(rows: torch.Tensor, codes: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
     """
     Index (N,) of the nearest code of each row (Euclidean): argmin_k ||c_k||^2 - 2 r.c_k, the squared distance less
     the row's own norm (same argmin; no sqrt or clamp over the (N, K) matrix), by row tiles written into one reused
-    buffer (at most `chunk_size` rows; on CPU, cache-sized), the argmin by blocks (`_row_extreme`).
+    buffer (at most `chunk_size` rows; on CPU, cache-sized, and at least 64 rows per thread), the argmin by blocks
+    (`_row_extreme`).
     """
     num_rows, num_codes = rows.shape[0], codes.shape[0]
     out = torch.empty(num_rows, dtype=torch.long, device=rows.device)
     if num_rows == 0:
         return out
-    tile_rows = min(_tile_rows(num_codes, chunk_size, rows.device), num_rows)
+    tile_rows = _tile_rows(num_codes, chunk_size, rows.device)
+    if rows.device.type == "cpu":  # each thread's share of a tile's GEMM at least _GEMM_ROWS_PER_THREAD rows
+        tile_rows = max(tile_rows, min(chunk_size, _GEMM_ROWS_PER_THREAD * torch.get_num_threads()))
+    tile_rows = min(tile_rows, num_rows)
     code_norms, codes_t = codes.pow(2).sum(1), codes.T
     buffer = rows.new_empty(tile_rows, num_codes)
     for start in range(0, num_rows, tile_rows):

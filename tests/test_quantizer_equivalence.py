@@ -286,6 +286,22 @@ def test_nearest_codes_equal_the_exact_argmin():
         assert torch.equal(assignment.nearest_codes(rows, codes, chunk_size), exact)
 
 
+@pytest.mark.parametrize(("threads", "products"), [(1, 16), (2, 8), (4, 4)])
+def test_nearest_code_tiles_give_each_thread_64_rows(threads, products):
+    # 16,384 codes: a cache-sized tile has 64 rows; with more threads each one's share of the GEMM keeps 64 rows.
+    rows, codes = features_and_codes(1024, 16384, 8, seed=8)
+    exact = torch.cdist(rows.double(), codes.double()).argmin(dim=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with OperatorCount(torch.ops.aten.addmm.out) as gemms:
+            indices = assignment.nearest_codes(rows, codes)
+    finally:
+        torch.set_num_threads(before)
+    assert gemms.count == products
+    assert torch.equal(indices, exact)
+
+
 @pytest.mark.parametrize("iterations", [1, 5])
 def test_streaming_reads_the_features_once_per_iteration(iterations):
     # passes over the distances: statistics, kernel + first column sums, one per further iteration (its row
