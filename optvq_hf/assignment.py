@@ -559,7 +559,9 @@ def nearest_codes(rows: torch.Tensor, codes: torch.Tensor, chunk_size: int = 409
     if num_rows == 0:
         return out
     tile_rows = _tile_rows(num_codes, chunk_size, rows.device)
-    if rows.device.type == "cpu":  # each thread's share of a tile's GEMM at least _GEMM_ROWS_PER_THREAD rows
+    # Each thread's share of a tile's GEMM at least _GEMM_ROWS_PER_THREAD rows; not when traced, where the thread
+    # count, a host value, cannot enter a graph (and the compiler chooses its own tiling).
+    if rows.device.type == "cpu" and not traced():
         tile_rows = max(tile_rows, min(chunk_size, _GEMM_ROWS_PER_THREAD * torch.get_num_threads()))
     tile_rows = min(tile_rows, num_rows)
     code_norms, codes_t = codes.pow(2).sum(1), codes.T
