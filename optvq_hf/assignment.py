@@ -247,6 +247,13 @@ def _advise_huge_pages(matrix: torch.Tensor) -> None:
         pass
 
 
+def _new_matrix(entries: int, like: torch.Tensor) -> torch.Tensor:
+    """Uninitialised flat storage for a kernel matrix, advised huge pages on CPU."""
+    matrix = like.new_empty(entries)
+    _advise_huge_pages(matrix)
+    return matrix
+
+
 class KernelWorkspace:
     """
     Memory for the exp-domain solver's (N, K) kernel matrix, kept from one call to the next on CPU.
@@ -275,16 +282,13 @@ class KernelWorkspace:
     def matrix(self, num_rows: int, num_codes: int, like: torch.Tensor):
         """A (num_rows, num_codes) matrix of `like`'s dtype and device, its values undefined."""
         if like.device.type != "cpu" or not self._lock.acquire(blocking=False):
-            matrix = like.new_empty(num_rows, num_codes)
-            _advise_huge_pages(matrix)
-            yield matrix
+            yield _new_matrix(num_rows * num_codes, like).view(num_rows, num_codes)
             return
         try:
             size = num_rows * num_codes
             if self._buffer is None or self._buffer.numel() < size or self._buffer.dtype != like.dtype:
                 self._buffer = None  # freed before the larger one is made
-                self._buffer = like.new_empty(size)
-                _advise_huge_pages(self._buffer)
+                self._buffer = _new_matrix(size, like)
             yield self._buffer[:size].view(num_rows, num_codes)
         finally:
             self._lock.release()
@@ -410,8 +414,7 @@ def _exp_domain_indices(
     if streaming:
         matrix = None
     elif matrix is None:
-        matrix = rows.new_empty(num_rows, num_codes)
-        _advise_huge_pages(matrix)
+        matrix = _new_matrix(num_rows * num_codes, rows).view(num_rows, num_codes)
     scratch = rows.new_empty(max(1, min(tile_rows, num_rows)), num_codes)
 
     def distance_tiles():
